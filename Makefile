@@ -1,0 +1,47 @@
+# GIE Studio: `make demo` and `make test` set everything up themselves (idempotent).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?=
+OUT ?= out
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup demo test lint format lab conformance bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	@model="$(MODEL)"; if [ -z "$$model" ]; then model=$$($(PY) -m engine.examples resnet50); fi; \
+	echo "== gie inspect $$model"; $(VENV)/bin/gie inspect "$$model" && \
+	echo "== gie run $$model" && $(VENV)/bin/gie run "$$model"
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser notebooks/
+
+conformance: setup
+	$(PY) -m engine.conformance --json $(OUT)/conformance.json
+
+bench: setup
+	$(PY) bench/cpu_vs_onnxruntime.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Execution backends: numpy_ref (the oracle) and, later, cuda."""

@@ -1,0 +1,53 @@
+"""Bundled example models: the classic networks that ship inside the onnx wheel.
+
+``python -m engine.examples NAME`` prints the path of one (``resnet50`` by default), which is
+how ``make demo`` finds its model without downloading anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx
+
+LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LIGHT_MODELS = (
+    "bvlc_alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+)
+
+
+def light_model_path(name: str) -> Path:
+    """Path of a light model (``resnet50``, ``vgg19``...) inside the installed onnx wheel."""
+    if name not in LIGHT_MODELS:
+        raise KeyError(f"unknown example {name!r}; choose from {', '.join(LIGHT_MODELS)}")
+    return LIGHT_DIR / f"light_{name}.onnx"
+
+
+def light_expected_output_path(name: str) -> Path:
+    """The reference output (TensorProto .pb) stored next to a light model."""
+    return light_model_path(name).with_name(f"light_{name}_output_0.pb")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "resnet50"
+    try:
+        path = light_model_path(name)
+    except KeyError as error:
+        sys.stderr.write(f"{error.args[0]}\n")
+        return 2
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
