@@ -29,8 +29,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from engine.backends.numpy_ref.interpreter import ReferenceInterpreter, iter_nodes_recursive
+from engine.backends.numpy_ref.interpreter import ReferenceInterpreter
 from engine.onnx_io import ModelLoadError, load, unsupported_ops
+from engine.ops.registry import OptionalNone
 
 KINDS = ("node", "simple", "pytorch-converted", "pytorch-operator", "light")
 DATA_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data"
@@ -157,9 +158,8 @@ def compare_outputs(expected: Any, actual: Any, rtol: float, atol: float, where:
             compare_outputs(want, got, rtol, atol, f"{where}[{index}]")
         return
     if expected is None:
-        if actual is not None and not (isinstance(actual, list) and not actual):
-            if type(actual).__name__ != "OptionalNone":
-                raise AssertionError(f"{where}: expected an empty optional, got {actual!r}")
+        if actual is not None and not isinstance(actual, OptionalNone):
+            raise AssertionError(f"{where}: expected an empty optional, got {actual!r}")
         return
     if not isinstance(actual, np.ndarray):
         raise AssertionError(f"{where}: expected an array, got {type(actual).__name__}")
@@ -183,7 +183,9 @@ def model_ops(model: onnx.ModelProto) -> list[str]:
 
     def visit(graph: onnx.GraphProto) -> None:
         for node in graph.node:
-            ops.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}")
+            ops.add(
+                node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            )
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.GRAPH:
                     visit(attribute.g)
@@ -213,7 +215,9 @@ def run_case(case: ConformanceCase) -> CaseResult:
         return result
     try:
         interpreter = ReferenceInterpreter(model)
-        input_names = [v.name for v in model.graph.inputs if v not in set(model.graph.initializers.values())]
+        input_names = [
+            v.name for v in model.graph.inputs if v not in set(model.graph.initializers.values())
+        ]
         output_names = [v.name for v in model.graph.outputs]
         for set_index, (inputs, expected) in enumerate(case.data_sets):
             feeds = dict(zip(input_names, inputs))
@@ -227,7 +231,7 @@ def run_case(case: ConformanceCase) -> CaseResult:
                 )
             for name, want in zip(output_names, expected):
                 compare_outputs(want, outputs[name], case.rtol, case.atol, f"output '{name}'")
-    except Exception as error:  # noqa: BLE001 - every failure is a recorded result
+    except Exception as error:
         result.status = "failed"
         result.reason = f"{type(error).__name__}: {str(error).strip()[:600]}"
     result.seconds = time.perf_counter() - started
@@ -240,9 +244,7 @@ def run_conformance(
     """Run every selected case; ``name_filter`` is a regular expression on the case name."""
     pattern = re.compile(name_filter) if name_filter else None
     return [
-        run_case(case)
-        for case in iter_cases(kinds)
-        if pattern is None or pattern.search(case.name)
+        run_case(case) for case in iter_cases(kinds) if pattern is None or pattern.search(case.name)
     ]
 
 
@@ -279,11 +281,15 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.conformance", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.conformance", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--json", type=Path, help="write the full results as JSON here")
     parser.add_argument("--filter", help="only cases whose name matches this regular expression")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma list from {KINDS}")
-    parser.add_argument("--failures", action="store_true", help="also list failed cases and reasons")
+    parser.add_argument(
+        "--failures", action="store_true", help="also list failed cases and reasons"
+    )
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))

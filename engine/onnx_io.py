@@ -210,7 +210,7 @@ def load(source: ModelSource, infer_shapes: bool = True) -> ir.Model:
             pass  # keep the declared types; inference is a help, not a requirement
     try:
         model = ir.from_proto(proto)
-    except Exception as error:  # noqa: BLE001 - onnx-ir raises several types
+    except Exception as error:
         raise ModelLoadError(f"{label}: cannot be converted to the IR: {error}") from error
     if model.functions:
         InlinePass()(model)

@@ -17,13 +17,17 @@ from engine.onnx_io import ModelLoadError, load, save, unsupported_ops
 def _relu_add_model(opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
     """x -> Add(x, const via Constant node) -> Relu -> y, with named nodes."""
     const = helper.make_node(
-        "Constant", [], ["c"], name="make_c",
+        "Constant",
+        [],
+        ["c"],
+        name="make_c",
         value=numpy_helper.from_array(np.array([1.0, -2.0, 3.0], np.float32)),
     )
     add = helper.make_node("Add", ["x", "c"], ["s"], name="add_0")
     relu = helper.make_node("Relu", ["s"], ["y"], name="relu_0")
     graph = helper.make_graph(
-        [const, add, relu], "g",
+        [const, add, relu],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
     )
@@ -87,15 +91,22 @@ def test_external_data_model_loads_from_its_folder(tmp_path) -> None:
     weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
     graph = helper.make_graph(
-        [node], "g",
+        [node],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
         [numpy_helper.from_array(weight, "w")],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "ext.onnx"
-    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.bin", size_threshold=0)
+    onnx.save(
+        proto,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.bin",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext.bin").stat().st_size == weight.nbytes
     x = np.ones((1, 64), np.float32)
     result = ReferenceInterpreter(load(path)).run({"x": x}).outputs["y"]
@@ -112,12 +123,14 @@ def test_unsupported_ops_report_names_type_count_and_nodes() -> None:
         helper.make_node("FancyOp", ["b"], ["y"], name="fancy_2", domain="com.example"),
     ]
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                     helper.make_opsetid("com.example", 1)])
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
     report = unsupported_ops(load(proto))
     assert len(report) == 1
     assert report[0].qualified_name == "com.example::FancyOp"
@@ -143,8 +156,10 @@ def test_refuses_text_and_truncated_files(tmp_path) -> None:
 
 def test_refuses_cycle_and_missing_initializer_naming_the_node() -> None:
     cyclic = helper.make_graph(
-        [helper.make_node("Add", ["x", "b"], ["a"], name="first"),
-         helper.make_node("Relu", ["a"], ["b"], name="second")],
+        [
+            helper.make_node("Add", ["x", "b"], ["a"], name="first"),
+            helper.make_node("Relu", ["a"], ["b"], name="second"),
+        ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])],

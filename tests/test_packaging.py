@@ -26,8 +26,18 @@ def test_environment_yml_pip_list_matches_pyproject_dependencies() -> None:
 def test_product_dependencies_and_cuda_extras_are_declared() -> None:
     project = _pyproject()["project"]
     names = {r.split(">")[0].split("=")[0].split("<")[0] for r in project["dependencies"]}
-    for required in ("jupyterlab", "ipywidgets", "netron", "onnx", "plotly", "onnx-ir",
-                     "onnxscript", "numpy", "onnxruntime", "ml_dtypes"):
+    for required in (
+        "jupyterlab",
+        "ipywidgets",
+        "netron",
+        "onnx",
+        "plotly",
+        "onnx-ir",
+        "onnxscript",
+        "numpy",
+        "onnxruntime",
+        "ml_dtypes",
+    ):
         assert required in names, required
     extras = project["optional-dependencies"]
     assert any(r.startswith("cupy-cuda12x") for r in extras["cuda12"])

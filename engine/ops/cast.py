@@ -47,7 +47,9 @@ def _to_e8m0(x: np.ndarray, saturate: bool, round_mode: str) -> np.ndarray:
     return exponent.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
 
 
-def cast_array(x: np.ndarray, target: ir.DataType, saturate: bool = True, round_mode: str = "up") -> Any:
+def cast_array(
+    x: np.ndarray, target: ir.DataType, saturate: bool = True, round_mode: str = "up"
+) -> Any:
     """Convert ``x`` to the ONNX type ``target`` with ONNX's Cast semantics."""
     if target == ir.DataType.STRING:
         if x.dtype == object:
@@ -55,7 +57,9 @@ def cast_array(x: np.ndarray, target: ir.DataType, saturate: bool = True, round_
         return np.vectorize(lambda v: str(v), otypes=[object])(x) if x.size else x.astype(object)
     dtype = target.numpy()
     if x.dtype == object:
-        return np.array([float(v) for v in x.ravel()], dtype=np.float64).reshape(x.shape).astype(dtype)
+        return (
+            np.array([float(v) for v in x.ravel()], dtype=np.float64).reshape(x.shape).astype(dtype)
+        )
     if target == ir.DataType.FLOAT8E8M0:
         return _to_e8m0(x.astype(np.float32), saturate, round_mode)
     if target in _SATURATING_FLOATS and saturate and x.dtype.kind in "fV":
@@ -101,4 +105,3 @@ OPS: list[OpSpec] = [
     spec("CastLike", _cast_like, _cast_like_rule, elementwise_cost(1), "elementwise"),
     spec("BitCast", _bitcast, _cast_rule, elementwise_cost(0), "elementwise"),
 ]
-

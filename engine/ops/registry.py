@@ -1,7 +1,8 @@
 """The op registry: for every supported op, a NumPy reference kernel, a shape/dtype rule and a cost.
 
-An op family module (``engine/ops/<family>.py``) exports ``OPS: list[OpSpec]``; the registry is the
-union of those lists, built on demand by :func:`default_registry`. Nothing registers itself at import.
+An op family module (``engine/ops/<family>.py``) exports ``OPS: list[OpSpec]``; the registry is
+the union of those lists, built on demand by :func:`default_registry`. Nothing registers itself
+at import.
 
 Kernel contract
     ``kernel(inputs, attrs, ctx) -> list of outputs``. ``inputs`` holds one entry per node input,
@@ -53,6 +54,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "engine.ops.control_flow",
     "engine.ops.sequence",
     "engine.ops.misc",
+    "engine.ops.detection",
+    "engine.ops.signal",
 )
 
 

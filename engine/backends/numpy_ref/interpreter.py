@@ -147,7 +147,9 @@ def _captured_values(graph: ir.Graph) -> list[ir.Value]:
 def _tensor_spec(value: ir.Value) -> TensorSpec:
     shape = None
     if value.shape is not None:
-        shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+        shape = tuple(
+            d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
+        )
     dtype = value.type.dtype if isinstance(value.type, ir.TensorType) else None
     return TensorSpec(shape, dtype)
 
@@ -286,11 +288,13 @@ class ReferenceInterpreter:
             started = time.perf_counter()
             try:
                 results = step.spec.kernel(inputs, step.attrs, step.context)
-            except Exception as error:  # noqa: BLE001 - re-raised with the node named
+            except Exception as error:
                 raise NodeExecutionError(step.node, inputs, error) from error
             if timings is not None:
                 timings.append(
-                    NodeTiming(step.node.name or "", step.node.op_type, time.perf_counter() - started)
+                    NodeTiming(
+                        step.node.name or "", step.node.op_type, time.perf_counter() - started
+                    )
                 )
             for value, result in zip(step.outputs, results):
                 env[value] = result
@@ -307,7 +311,9 @@ class ReferenceInterpreter:
 def _tensor_spec_text(value: ir.Value) -> str:
     spec = _tensor_spec(value)
     dtype = spec.dtype.name.lower() if spec.dtype is not None else "?"
-    shape = "?" if spec.shape is None else ",".join("?" if d is None else str(d) for d in spec.shape)
+    shape = (
+        "?" if spec.shape is None else ",".join("?" if d is None else str(d) for d in spec.shape)
+    )
     return f"{dtype}[{shape}]"
 
 
