@@ -231,7 +231,7 @@ def run_case(case: ConformanceCase) -> CaseResult:
                 )
             for name, want in zip(output_names, expected):
                 compare_outputs(want, outputs[name], case.rtol, case.atol, f"output '{name}'")
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - every failure is a recorded result
         result.status = "failed"
         result.reason = f"{type(error).__name__}: {str(error).strip()[:600]}"
     result.seconds = time.perf_counter() - started
@@ -288,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--filter", help="only cases whose name matches this regular expression")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma list from {KINDS}")
     parser.add_argument(
-        "--failures", action="store_true", help="also list failed cases and reasons"
+        "--failures", action="store_true", help="also list failed and unsupported cases"
+    )
+    parser.add_argument(
+        "--write-pass-list", type=Path, help="write the names of passing cases here (one a line)"
     )
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -304,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{result.status:<12} {result.name}: {result.reason[:300]}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
+    if args.write_pass_list:
+        passing = sorted(r.name for r in results if r.status == "passed")
+        args.write_pass_list.write_text("".join(f"{name}\n" for name in passing))
     return 0
 
 

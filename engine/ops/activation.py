@@ -117,6 +117,9 @@ def _swish(x: np.ndarray, attrs: Attrs) -> np.ndarray:
 
 def _prelu(inputs: list[Any], attrs: Attrs, ctx: KernelContext) -> list[Any]:
     x, slope = inputs
+    if ctx.opset < 7 and slope.ndim == 1 and x.ndim > 2:
+        # Before opset 7 a 1-D slope applied per channel (axis 1), not numpy-broadcast.
+        slope = slope.reshape((-1,) + (1,) * (x.ndim - 2))
     return [np.where(x >= 0, x, x * slope).astype(x.dtype)]
 
 

@@ -64,15 +64,16 @@ def same_as_input(index: int = 0, dtype: ir.DataType | None = None) -> ShapeRule
     return rule
 
 
-def broadcast_rule(dtype: ir.DataType | None = None, first: int = 0) -> ShapeRule:
-    """Output 0 is the broadcast of all present inputs from ``first`` on; dtype of input 0."""
+def broadcast_rule(dtype: ir.DataType | None = None, dtype_from: int = 0) -> ShapeRule:
+    """Output 0 is the broadcast of all present inputs; dtype given or of input ``dtype_from``."""
 
     def rule(specs: list[TensorSpec], attrs: Attrs, ctx: KernelContext) -> list[TensorSpec]:
-        present = [s for s in specs[first:] if s is not None]
+        present = [s for s in specs if s is not None]
+        out_dtype = dtype or specs[dtype_from].dtype
         if any(s.shape is None for s in present):
-            return [TensorSpec(None, dtype or specs[0].dtype)]
+            return [TensorSpec(None, out_dtype)]
         shape = broadcast_dims([s.shape for s in present])  # type: ignore[misc]
-        return [TensorSpec(shape, dtype or specs[0].dtype)]
+        return [TensorSpec(shape, out_dtype)]
 
     return rule
 

@@ -144,7 +144,7 @@ OPS: list[OpSpec] = [
     _binary("LessOrEqual", np.less_equal, result_dtype=BOOL),
     _binary("Greater", np.greater, result_dtype=BOOL),
     _binary("GreaterOrEqual", np.greater_equal, result_dtype=BOOL),
-    spec("Where", _where, broadcast_rule(first=1), elementwise_cost(1), "elementwise"),
+    spec("Where", _where, broadcast_rule(dtype_from=1), elementwise_cost(1), "elementwise"),
     _variadic("Min", np.minimum),
     _variadic("Max", np.maximum),
     _variadic("Sum", np.add),

@@ -1,0 +1,99 @@
+"""Propagate TensorSpecs (shape, dtype, constant value) through a graph with the ops' shape rules.
+
+This is the engine's own shape inference: the cost model and the optimizer read it, and it is
+checked against the real outputs of the reference kernels in the tests. Where a rule cannot
+decide (unknown rank, data-dependent output) the value keeps what the model declared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from engine.ops.registry import (
+    Attrs,
+    KernelContext,
+    OpRegistry,
+    TensorSpec,
+    default_registry,
+    normalize_domain,
+)
+
+
+def declared_spec(value: ir.Value) -> TensorSpec:
+    """What the IR says about a value (from the model or ONNX shape inference)."""
+    shape = None
+    if value.shape is not None:
+        shape = tuple(
+            d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
+        )
+    dtype = value.type.dtype if isinstance(value.type, ir.TensorType) else None
+    constant = value.const_value.numpy() if value.const_value is not None else None
+    return TensorSpec(shape, dtype, constant)
+
+
+@dataclass
+class SpecInference:
+    """Result of :func:`infer_specs`: a spec per value, and the nodes whose rule failed."""
+
+    specs: dict[ir.Value, TensorSpec] = field(default_factory=dict)
+    rule_errors: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, value: ir.Value) -> TensorSpec:
+        return self.specs[value]
+
+
+def infer_node(
+    node: ir.Node,
+    input_specs: list[TensorSpec | None],
+    opset: int,
+    registry: OpRegistry | None = None,
+) -> list[TensorSpec]:
+    """Output specs of one node from its input specs, by its op's shape rule."""
+    registry = registry or default_registry()
+    spec = registry.lookup(node.op_type, node.domain)
+    declared = [declared_spec(v) for v in node.outputs]
+    if spec is None:
+        return declared
+    context = KernelContext(
+        opset=opset,
+        node_name=node.name or "",
+        output_count=len(node.outputs),
+        declared_outputs=declared,
+    )
+    return spec.shape_rule(input_specs, Attrs.from_node(node), context)  # type: ignore[arg-type]
+
+
+def infer_specs(
+    model: ir.Model,
+    input_specs: Mapping[str, TensorSpec] | None = None,
+    registry: OpRegistry | None = None,
+) -> SpecInference:
+    """Specs for every value of the main graph, starting from declared (or given) inputs."""
+    registry = registry or default_registry()
+    opsets = {normalize_domain(d): v for d, v in model.opset_imports.items()}
+    result = SpecInference()
+    graph = model.graph
+    for value in graph.initializers.values():
+        result.specs[value] = declared_spec(value)
+    for value in graph.inputs:
+        given = (input_specs or {}).get(value.name or "")
+        result.specs[value] = given if given is not None else declared_spec(value)
+    for node in graph:
+        inputs = [None if v is None else result.specs.get(v, declared_spec(v)) for v in node.inputs]
+        opset = opsets.get(normalize_domain(node.domain), 1)
+        try:
+            outputs = infer_node(node, inputs, opset, registry)
+        except Exception as error:  # noqa: BLE001 - a failing rule falls back to declarations
+            result.rule_errors[node.name or node.op_type] = f"{type(error).__name__}: {error}"
+            outputs = [declared_spec(v) for v in node.outputs]
+        for value, spec in zip(node.outputs, outputs):
+            declared = declared_spec(value)
+            if spec.shape is None and declared.shape is not None:
+                spec = TensorSpec(declared.shape, spec.dtype or declared.dtype, spec.value)
+            result.specs[value] = spec
+        for value in node.outputs[len(outputs) :]:
+            result.specs[value] = declared_spec(value)
+    return result
