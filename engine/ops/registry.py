@@ -56,6 +56,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "engine.ops.misc",
     "engine.ops.detection",
     "engine.ops.signal",
+    "engine.ops.llm",
 )
 
 
