@@ -46,6 +46,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "engine.ops.linalg",
     "engine.ops.reduce",
     "engine.ops.shape_ops",
+    "engine.ops.layout",
     "engine.ops.indexing",
     "engine.ops.generators",
     "engine.ops.resize",

@@ -34,6 +34,19 @@ def declared_spec(value: ir.Value) -> TensorSpec:
     return TensorSpec(shape, dtype, constant)
 
 
+def merge_declared(inferred: TensorSpec, declared: TensorSpec) -> TensorSpec:
+    """Fill what a rule left open (rank, single dims, dtype) from the declared type."""
+    shape = inferred.shape
+    if shape is None:
+        shape = declared.shape
+    elif declared.shape is not None and len(declared.shape) == len(shape):
+        shape = tuple(
+            mine if isinstance(mine, int) or not isinstance(theirs, int) else theirs
+            for mine, theirs in zip(shape, declared.shape)
+        )
+    return TensorSpec(shape, inferred.dtype or declared.dtype, inferred.value)
+
+
 @dataclass
 class SpecInference:
     """Result of :func:`infer_specs`: a spec per value, and the nodes whose rule failed."""
@@ -90,10 +103,7 @@ def infer_specs(
             result.rule_errors[node.name or node.op_type] = f"{type(error).__name__}: {error}"
             outputs = [declared_spec(v) for v in node.outputs]
         for value, spec in zip(node.outputs, outputs):
-            declared = declared_spec(value)
-            if spec.shape is None and declared.shape is not None:
-                spec = TensorSpec(declared.shape, spec.dtype or declared.dtype, spec.value)
-            result.specs[value] = spec
+            result.specs[value] = merge_declared(spec, declared_spec(value))
         for value in node.outputs[len(outputs) :]:
             result.specs[value] = declared_spec(value)
     return result
