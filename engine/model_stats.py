@@ -1,0 +1,445 @@
+"""Static statistics of a model: interface, op histogram, parameters and estimated cost.
+
+:func:`compute_stats` takes an ``onnx_ir.Model`` as :func:`engine.onnx_io.load` returns it (shape
+inference done, ``Constant`` nodes lifted to initializers, functions inlined) and applies the
+registry's cost rule of every node of the main graph to :class:`TensorSpec` built from the shapes
+and dtypes of its inputs and outputs. A node whose tensors do not all have static shapes (or whose
+op has no cost rule) contributes nothing to the totals and is listed as "cost unknown". Symbolic
+dims can be bound to numbers with ``dim_values`` (``{"batch": 1}``).
+
+The op histogram covers nested graphs (If/Loop/Scan bodies); the FLOPs do not count the body
+nodes, since how often a body runs depends on the data.
+
+:func:`format_stats` renders the statistics as the text report of ``gie inspect`` (it returns
+lines; only the CLI prints).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from engine.backends.numpy_ref.interpreter import iter_nodes_recursive
+from engine.onnx_io import UnsupportedOp, unsupported_ops
+from engine.ops.registry import Attrs, OpCost, OpRegistry, TensorSpec, default_registry
+
+Dim = int | str | None
+
+#: Constants up to this many elements are handed to cost rules as ``TensorSpec.value``.
+_CONST_VALUE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class ValueStats:
+    """A graph input or output: name, dtype name (NumPy spelling) and shape.
+
+    ``shape`` is None when the rank is unknown; a dim is an int, a symbolic name or None.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...] | None
+
+    def shape_text(self) -> str:
+        """'[1,3,224,224]', '[batch,3]', '[?]' or '?' for an unknown rank."""
+        if self.shape is None:
+            return "?"
+        return "[" + ",".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": _shape_json(self.shape)}
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Estimated cost of one node; ``known`` is False when shapes or the cost rule were missing."""
+
+    name: str
+    op_type: str
+    known: bool
+    flops: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    reason: str = ""
+
+    @property
+    def category(self) -> str:
+        """Why the cost is unknown, in short: 'no cost rule', 'dynamic shape', 'rule failed'."""
+        if self.known:
+            return ""
+        if self.reason.startswith("no kernel"):
+            return "no cost rule"
+        return "dynamic shape" if self.reason.startswith("shape not static") else "rule failed"
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"name": self.name, "op_type": self.op_type, "known": self.known}
+        if self.known:
+            row.update(
+                flops=self.flops, bytes_read=self.bytes_read, bytes_written=self.bytes_written
+            )
+        else:
+            row["reason"] = self.reason
+        return row
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Everything ``gie inspect`` reports about a model (see the module docstring)."""
+
+    source: str
+    ir_version: int
+    opset_imports: dict[str, int]
+    producer: str
+    inputs: tuple[ValueStats, ...]
+    outputs: tuple[ValueStats, ...]
+    op_counts: dict[str, int]
+    node_count: int
+    parameter_count: int
+    parameter_bytes: int
+    initializer_count: int
+    folded_parameter_count: int
+    folded_parameter_bytes: int
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    node_costs: tuple[NodeCost, ...]
+    unsupported_ops: tuple[UnsupportedOp, ...]
+
+    @property
+    def cost_unknown(self) -> tuple[NodeCost, ...]:
+        """Nodes of the main graph whose cost could not be estimated."""
+        return tuple(row for row in self.node_costs if not row.known)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (plain ints, strings, lists and dicts)."""
+        return {
+            "source": self.source,
+            "ir_version": self.ir_version,
+            "opset_imports": dict(self.opset_imports),
+            "producer": self.producer,
+            "inputs": [v.to_json() for v in self.inputs],
+            "outputs": [v.to_json() for v in self.outputs],
+            "op_counts": dict(self.op_counts),
+            "node_count": self.node_count,
+            "parameters": {
+                "count": self.parameter_count,
+                "bytes": self.parameter_bytes,
+                "initializers": self.initializer_count,
+                "folded_count": self.folded_parameter_count,
+                "folded_bytes": self.folded_parameter_bytes,
+            },
+            "flops": self.flops,
+            "memory_bytes": {"read": self.bytes_read, "written": self.bytes_written},
+            "cost_unknown": [row.name for row in self.cost_unknown],
+            "node_costs": [row.to_json() for row in self.node_costs],
+            "unsupported_ops": [
+                {"op": op.qualified_name, "count": op.count, "nodes": list(op.node_names)}
+                for op in self.unsupported_ops
+            ],
+        }
+
+
+def dtype_name(dtype: ir.DataType | None) -> str:
+    """NumPy-style name of an ONNX dtype ('float32', 'int64', 'bfloat16'); '?' when unknown."""
+    if dtype is None:
+        return "?"
+    if dtype == ir.DataType.STRING:
+        return "string"
+    try:
+        return str(np.dtype(dtype.numpy()))
+    except (TypeError, ValueError):
+        return dtype.name.lower()
+
+
+def value_dims(value: ir.Value) -> tuple[Dim, ...] | None:
+    """The shape of a value as ints, symbolic names and None (None when the rank is unknown)."""
+    if value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else (d.value or None) for d in value.shape)
+
+
+def _shape_json(shape: tuple[Dim, ...] | None) -> list[Dim] | None:
+    return None if shape is None else list(shape)
+
+
+def _value_stats(value: ir.Value) -> ValueStats:
+    if value.type is not None and not isinstance(value.type, ir.TensorType):
+        return ValueStats(value.name or "", str(value.type), None)
+    return ValueStats(value.name or "", dtype_name(value.dtype), value_dims(value))
+
+
+def tensor_spec(value: ir.Value | None, dim_values: Mapping[str, int] | None = None) -> TensorSpec:
+    """TensorSpec of a value from its inferred shape and dtype, symbolic dims bound if given."""
+    if value is None:
+        return TensorSpec(None, None)
+    dims = value_dims(value)
+    if dims is not None and dim_values:
+        dims = tuple(dim_values.get(d, d) if isinstance(d, str) else d for d in dims)
+    constant = None
+    tensor = value.const_value
+    if tensor is not None and tensor.size <= _CONST_VALUE_LIMIT:
+        try:
+            constant = tensor.numpy()
+        except Exception:  # noqa: BLE001 - a constant we cannot read is simply not passed
+            constant = None
+    return TensorSpec(dims, value.dtype, constant)
+
+
+def op_key(node: ir.Node) -> str:
+    """Histogram key: the op type, prefixed with its domain outside the default ONNX domain."""
+    domain = node.domain or ""
+    return node.op_type if domain in ("", "ai.onnx") else f"{domain}::{node.op_type}"
+
+
+def node_label(node: ir.Node, index: int) -> str:
+    """The node's name, or '#index' for an unnamed node."""
+    return node.name or f"#{index}"
+
+
+def node_cost(
+    node: ir.Node,
+    label: str,
+    registry: OpRegistry,
+    dim_values: Mapping[str, int] | None = None,
+) -> NodeCost:
+    """Apply the registry's cost rule to one node (unknown when shapes are not all static)."""
+    spec = registry.lookup(node.op_type, node.domain)
+    if spec is None:
+        return NodeCost(label, node.op_type, False, reason="no kernel or cost rule for this op")
+    ins = [None if v is None else tensor_spec(v, dim_values) for v in node.inputs]
+    outs = [tensor_spec(v, dim_values) for v in node.outputs]
+    dynamic = [
+        value.name or "?"
+        for value, spec_ in zip([*node.inputs, *node.outputs], [*ins, *outs])
+        if value is not None and spec_ is not None and not spec_.is_static
+    ]
+    if dynamic:
+        return NodeCost(
+            label, node.op_type, False, reason=f"shape not static: {', '.join(dynamic)}"
+        )
+    try:
+        cost: OpCost = spec.cost(ins, outs, Attrs.from_node(node))  # type: ignore[arg-type]
+    except Exception as error:  # noqa: BLE001 - a failing cost rule makes the cost unknown
+        return NodeCost(label, node.op_type, False, reason=f"{type(error).__name__}: {error}")
+    return NodeCost(
+        label, node.op_type, True, int(cost.flops), int(cost.bytes_read), int(cost.bytes_written)
+    )
+
+
+def _all_graphs(graph: ir.Graph) -> list[ir.Graph]:
+    graphs = [graph]
+    for node in iter_nodes_recursive(graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs.append(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attr.value)
+    return graphs
+
+
+def _parameters(graph: ir.Graph) -> tuple[int, int, int]:
+    """(element count, bytes, initializer count) over the initializers of all graphs."""
+    count = size = initializers = 0
+    for current in _all_graphs(graph):
+        for value in current.initializers.values():
+            tensor = value.const_value
+            initializers += 1
+            if tensor is None:
+                continue
+            count += int(tensor.size)
+            size += int(tensor.nbytes)
+    return count, size, initializers
+
+
+#: Ops whose output is not a function of their inputs: never constant, even on constant inputs.
+_NONDETERMINISTIC = (
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+)
+
+
+def _folded_parameters(graph: ir.Graph) -> tuple[int, int]:
+    """(elements, bytes) of the weights that nodes compute from constants alone.
+
+    The classic "light" models make every weight with ``ConstantOfShape``; an optimizer folds
+    such constant subgraphs into weights. Counted: constant outputs read by non-constant nodes
+    (or graph outputs), when their shapes are static.
+    """
+    constant = {v for v in graph.initializers.values() if v.const_value is not None}
+    folded: list[ir.Value] = []
+    for node in graph:
+        has_subgraph = any(
+            attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for attr in node.attributes.values()
+        )
+        if has_subgraph or node.op_type in _NONDETERMINISTIC:
+            continue
+        if all(v is None or v in constant for v in node.inputs):
+            constant.update(node.outputs)
+            folded.extend(node.outputs)
+    count = size = 0
+    outputs = set(graph.outputs)
+    for value in folded:
+        consumers = [node for node, _ in value.uses()]
+        frontier = value in outputs or any(
+            any(v is not None and v not in constant for v in node.inputs) for node in consumers
+        )
+        spec = tensor_spec(value)
+        if frontier and spec.is_static:
+            count += spec.numel()
+            size += spec.nbytes()
+    return count, size
+
+
+def compute_stats(
+    model: ir.Model,
+    registry: OpRegistry | None = None,
+    dim_values: Mapping[str, int] | None = None,
+) -> ModelStats:
+    """Statistics of ``model`` (loaded with :func:`engine.onnx_io.load`)."""
+    registry = registry or default_registry()
+    graph = model.graph
+    counts: Counter[str] = Counter(op_key(node) for node in iter_nodes_recursive(graph))
+    costs = tuple(
+        node_cost(node, node_label(node, index), registry, dim_values)
+        for index, node in enumerate(graph)
+    )
+    known = [row for row in costs if row.known]
+    parameter_count, parameter_bytes, initializer_count = _parameters(graph)
+    folded_count, folded_bytes = _folded_parameters(graph)
+    return ModelStats(
+        source=str(model.meta.get("source", "")),
+        ir_version=int(model.ir_version),
+        opset_imports={(d or "ai.onnx"): int(v) for d, v in sorted(model.opset_imports.items())},
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        inputs=tuple(_value_stats(v) for v in graph.inputs),
+        outputs=tuple(_value_stats(v) for v in graph.outputs),
+        op_counts=dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
+        node_count=sum(counts.values()),
+        parameter_count=parameter_count,
+        parameter_bytes=parameter_bytes,
+        initializer_count=initializer_count,
+        folded_parameter_count=folded_count,
+        folded_parameter_bytes=folded_bytes,
+        flops=sum(row.flops for row in known),
+        bytes_read=sum(row.bytes_read for row in known),
+        bytes_written=sum(row.bytes_written for row in known),
+        node_costs=costs,
+        unsupported_ops=tuple(unsupported_ops(model, registry)),
+    )
+
+
+def top_costs(stats: ModelStats, count: int = 10) -> Sequence[NodeCost]:
+    """The ``count`` most expensive nodes by FLOPs (known costs only)."""
+    known = [row for row in stats.node_costs if row.known]
+    return sorted(known, key=lambda row: -row.flops)[:count]
+
+
+# --------------------------------------------------------------------------- text report
+
+
+def human_count(value: float, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (with ``unit`` appended: '1.23 MFLOPs')."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}".rstrip()
+
+
+def human_bytes(value: float) -> str:
+    """Decimal units: 1234567 -> '1.23 MB'."""
+    return human_count(value, "B") if value >= 1000 else f"{value:.0f} B"
+
+
+def text_table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
+    """Rows as aligned text lines; columns whose index is in ``right`` are right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def short_list(names: Sequence[str], limit: int = 5) -> str:
+    """'a, b, c, ... (7 more)'; unnamed nodes are counted rather than listed."""
+    named = [n for n in names if n and n != "<unnamed>"]
+    unnamed = len(names) - len(named)
+    parts = named[:limit]
+    if len(named) > limit:
+        parts.append(f"... ({len(named) - limit} more)")
+    if unnamed:
+        parts.append(f"{unnamed} unnamed")
+    return ", ".join(parts)
+
+
+def format_stats(stats: ModelStats) -> list[str]:
+    """The text report of ``gie inspect`` (lines, without printing them)."""
+    opsets = ", ".join(f"{domain} {version}" for domain, version in stats.opset_imports.items())
+    lines = [
+        f"model:       {stats.source}",
+        f"ir version:  {stats.ir_version}   opsets: {opsets}   producer: {stats.producer or '?'}",
+        "",
+        "inputs:",
+        *[f"  {v.name}: {v.dtype}{v.shape_text()}" for v in stats.inputs],
+        "outputs:",
+        *[f"  {v.name}: {v.dtype}{v.shape_text()}" for v in stats.outputs],
+        "",
+        f"nodes: {stats.node_count} ({len(stats.op_counts)} op types)",
+    ]
+    rows = [[op, str(count)] for op, count in stats.op_counts.items()]
+    lines += ["  " + line for line in text_table(rows, right=(1,))] if rows else []
+    lines += [
+        "",
+        f"parameters:  {human_count(stats.parameter_count)} "
+        f"({stats.parameter_count:,} in {stats.initializer_count} initializers, "
+        f"{human_bytes(stats.parameter_bytes)})",
+        *(
+            [
+                f"             + {human_count(stats.folded_parameter_count)} computed from "
+                f"constants ({stats.folded_parameter_count:,}, "
+                f"{human_bytes(stats.folded_parameter_bytes)}; e.g. ConstantOfShape weights)"
+            ]
+            if stats.folded_parameter_count
+            else []
+        ),
+        f"compute:     {human_count(stats.flops, 'FLOPs')} ({stats.flops:,} FLOPs)",
+        f"memory:      {human_bytes(stats.bytes_read)} read, "
+        f"{human_bytes(stats.bytes_written)} written (unfused)",
+    ]
+    unknown = stats.cost_unknown
+    if unknown:
+        groups = Counter((row.op_type, row.category) for row in unknown)
+        listed = ", ".join(f"{op} x{count} ({why})" for (op, why), count in groups.items())
+        lines.append(f"cost unknown: {len(unknown)} node(s) not counted: {listed}")
+        if any(why == "dynamic shape" for _, why in groups):
+            lines.append("  (bind symbolic dims with --dim NAME=VALUE)")
+    heaviest = [row for row in top_costs(stats, 5) if row.flops]
+    if heaviest:
+        lines.append("heaviest nodes:")
+        total = stats.flops
+        rows = [
+            [row.name, row.op_type, human_count(row.flops, "FLOPs"), f"{row.flops / total:.1%}"]
+            for row in heaviest
+        ]
+        lines += ["  " + line for line in text_table(rows, right=(2, 3))]
+    lines.append("")
+    if stats.unsupported_ops:
+        lines.append("unsupported ops (no reference kernel):")
+        for op in stats.unsupported_ops:
+            lines.append(f"  {op.qualified_name} x{op.count}: {short_list(list(op.node_names))}")
+    else:
+        lines.append("unsupported ops: none")
+    return lines
