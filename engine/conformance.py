@@ -31,20 +31,8 @@ from onnx import numpy_helper
 
 from engine.backends.numpy_ref.interpreter import ReferenceInterpreter
 from engine.onnx_io import ModelLoadError, load, unsupported_ops
-from engine.ops.registry import OptionalNone
+from engine.ops.registry import RANDOM_OP_TYPES, OptionalNone
 
-#: Ops whose outputs are random samples: their cases compare shape and dtype only (onnx's
-#: expected values come from NumPy's global random state, which no kernel can reproduce).
-RANDOM_OPS = frozenset(
-    {
-        "Bernoulli",
-        "Multinomial",
-        "RandomNormal",
-        "RandomNormalLike",
-        "RandomUniform",
-        "RandomUniformLike",
-    }
-)
 KINDS = ("node", "simple", "pytorch-converted", "pytorch-operator", "light")
 DATA_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
@@ -240,7 +228,7 @@ def run_case(case: ConformanceCase) -> CaseResult:
             v.name for v in model.graph.inputs if v not in set(model.graph.initializers.values())
         ]
         output_names = [v.name for v in model.graph.outputs]
-        random = bool(RANDOM_OPS & set(result.ops))
+        random = bool(RANDOM_OP_TYPES & set(result.ops))
         if random:
             result.reason = "random op: shapes and dtypes compared, not values"
         for set_index, (inputs, expected) in enumerate(case.data_sets):

@@ -78,7 +78,7 @@ def load_proto(source: ModelSource) -> tuple[onnx.ModelProto, str]:
     if any(_uses_external_data(t) for t in _all_initializers(proto.graph)):
         try:
             onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, onnx.checker.ValidationError) as error:
             raise ModelLoadError(f"{label}: cannot read external data: {error}") from error
     return proto, label
 

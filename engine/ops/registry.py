@@ -61,6 +61,20 @@ FAMILY_MODULES: tuple[str, ...] = (
 )
 
 
+#: Ops whose outputs are random samples: never precomputed, and conformance compares only
+#: their shapes and dtypes.
+RANDOM_OP_TYPES = frozenset(
+    {
+        "Bernoulli",
+        "Multinomial",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+    }
+)
+
+
 class OptionalNone:
     """The value of an ONNX optional that holds nothing (distinct from an omitted input)."""
 

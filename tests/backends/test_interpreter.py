@@ -108,3 +108,36 @@ def test_unsupported_op_is_refused_before_running() -> None:
     )
     with pytest.raises(UnsupportedModelError, match="com.example::Frobnicate"):
         ReferenceInterpreter(load(proto))
+
+
+def test_constant_subgraphs_are_precomputed_once_but_still_tapped() -> None:
+    """A weight built by ConstantOfShape (as in the light models) is computed at preparation."""
+    shape = onnx.numpy_helper.from_array(np.array([4], np.int64), "w_shape")
+    nodes = [
+        helper.make_node(
+            "ConstantOfShape",
+            ["w_shape"],
+            ["w"],
+            name="make_w",
+            value=onnx.numpy_helper.from_array(np.array([0.5], np.float32)),
+        ),
+        helper.make_node("Add", ["x", "w"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [shape],
+    )
+    model = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    interpreter = ReferenceInterpreter(model)
+    tapped: list[str] = []
+    result = interpreter.run(
+        {"x": np.ones(4, np.float32)},
+        tap=lambda node, outs: tapped.append(node.name),
+        profile=True,
+    )
+    np.testing.assert_array_equal(result.outputs["y"], np.full(4, 1.5, np.float32))
+    assert tapped == ["make_w", "add"]
+    assert [t.node_name for t in result.timings] == ["add"]

@@ -1,9 +1,11 @@
 """The reference interpreter: runs any onnx-ir graph with the registry's NumPy kernels.
 
 It is the oracle every other backend is checked against. Each graph is prepared once (kernel
-lookup, attribute decoding, liveness); a run walks the nodes in order, frees every value after
-its last use, optionally taps every intermediate, and names the failing node when a kernel
-raises. Nested graphs (If/Loop/Scan bodies) run through the same machinery.
+lookup, attribute decoding, liveness, and precomputing nodes whose inputs are all constants,
+e.g. weights built by ConstantOfShape; the tap still sees those nodes first); a run walks the
+nodes in order, frees every value after its last use, optionally taps every intermediate, and
+names the failing node when a kernel raises. Nested graphs (If/Loop/Scan bodies) run through
+the same machinery.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from engine.ops.registry import (
+    RANDOM_OP_TYPES,
     Attrs,
     KernelContext,
     OpRegistry,
@@ -86,6 +89,7 @@ class _Program:
     constants: dict[ir.Value, Any]
     captured: list[ir.Value]
     release_unused_inputs: list[ir.Value]
+    precomputed: list[tuple[ir.Node, list[Any]]] = field(default_factory=list)
 
 
 def describe_value(value: Any) -> str:
@@ -225,8 +229,49 @@ class ReferenceInterpreter:
             for value in graph.initializers.values()
             if value.const_value is not None
         }
+        steps, folded = self._precompute_constant_steps(steps, constants, graph)
         unused_inputs = [v for v in graph.inputs if v not in last_use and v not in keep]
-        return _Program(graph, steps, constants, _captured_values(graph), unused_inputs)
+        return _Program(graph, steps, constants, _captured_values(graph), unused_inputs, folded)
+
+    def _precompute_constant_steps(
+        self, steps: list[_Step], constants: dict[ir.Value, Any], graph: ir.Graph
+    ) -> tuple[list[_Step], list[tuple[ir.Node, list[Any]]]]:
+        """Run once, at preparation, every deterministic node whose inputs are all constants.
+
+        Their outputs join ``constants`` (as onnxruntime folds weight-building subgraphs at
+        session creation); constants only those nodes read are dropped. A node that fails here
+        is left to run (and report its error) at run time.
+        """
+        known = {v for v in constants if not v.is_graph_input()}
+        runtime_steps: list[_Step] = []
+        folded: list[tuple[ir.Node, list[Any]]] = []
+        for step in steps:
+            foldable = (
+                step.node.op_type not in RANDOM_OP_TYPES
+                and not _subgraphs(step.node)
+                and all(v is None or v in known for v in step.inputs)
+            )
+            if foldable:
+                inputs = [None if v is None else constants[v] for v in step.inputs]
+                try:
+                    results = list(step.spec.kernel(inputs, step.attrs, step.context))
+                except Exception:  # noqa: BLE001 - surfaces with the node named at run time
+                    foldable = False
+            if not foldable:
+                runtime_steps.append(step)
+                continue
+            for value, result in zip(step.outputs, results):
+                constants[value] = result
+                known.add(value)
+            folded.append((step.node, results))
+        needed = set(graph.outputs) | set(graph.inputs)
+        for step in runtime_steps:
+            needed.update(v for v in step.inputs if v is not None)
+            for subgraph in _subgraphs(step.node):
+                needed.update(_captured_values(subgraph))
+        for value in [v for v in constants if v not in needed]:
+            del constants[value]
+        return runtime_steps, folded
 
     # ------------------------------------------------------------------ execution
 
@@ -281,6 +326,9 @@ class ReferenceInterpreter:
     ) -> list[Any]:
         for value in program.release_unused_inputs:
             env.pop(value, None)
+        if tap is not None:
+            for node, results in program.precomputed:
+                tap(node, results)
         subgraph_runner = self._run_subgraph(env, tap)
         for step in program.steps:
             inputs = [None if v is None else env[v] for v in step.inputs]
