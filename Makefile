@@ -21,7 +21,7 @@ setup: $(STAMP)
 demo: setup
 	@model="$(MODEL)"; if [ -z "$$model" ]; then model=$$($(PY) -m engine.examples resnet50); fi; \
 	echo "== gie inspect $$model"; $(VENV)/bin/gie inspect "$$model" && \
-	echo "== gie run $$model" && $(VENV)/bin/gie run "$$model"
+	echo "== gie run $$model" && $(VENV)/bin/gie run "$$model" --warmup 1 --iterations 5
 
 test: setup
 	$(VENV)/bin/ruff check .

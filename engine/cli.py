@@ -35,8 +35,9 @@ from engine.backends.numpy_ref.interpreter import (
     UnsupportedModelError,
     check_feed,
 )
-from engine.model_stats import compute_stats, format_stats, node_label, short_list, text_table
+from engine.model_stats import compute_stats, node_label
 from engine.onnx_io import ModelLoadError, load, unsupported_ops
+from engine.text_report import format_stats, short_list, text_table
 
 PROG = "gie"
 EXIT_OK = 0

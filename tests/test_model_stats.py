@@ -14,14 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 from engine.model_stats import (
     ModelStats,
     compute_stats,
-    format_stats,
-    human_bytes,
-    human_count,
     node_cost,
     tensor_spec,
 )
 from engine.onnx_io import load
 from engine.ops.registry import Attrs, OpCost, OpRegistry, OpSpec, TensorSpec
+from engine.text_report import format_stats, human_bytes, human_count
 
 RESNET50 = (
     Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
