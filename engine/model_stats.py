@@ -27,6 +27,7 @@ import onnx_ir as ir
 from engine.backends.numpy_ref.interpreter import iter_nodes_recursive
 from engine.onnx_io import UnsupportedOp, unsupported_ops
 from engine.ops.registry import Attrs, OpCost, OpRegistry, TensorSpec, default_registry
+from engine.ops.shape_inference import declared_spec, value_dims
 
 Dim = int | str | None
 
@@ -156,13 +157,6 @@ def dtype_name(dtype: ir.DataType | None) -> str:
         return dtype.name.lower()
 
 
-def value_dims(value: ir.Value) -> tuple[Dim, ...] | None:
-    """The shape of a value as ints, symbolic names and None (None when the rank is unknown)."""
-    if value.shape is None:
-        return None
-    return tuple(d if isinstance(d, int) else (d.value or None) for d in value.shape)
-
-
 def _shape_json(shape: tuple[Dim, ...] | None) -> list[Dim] | None:
     return None if shape is None else list(shape)
 
@@ -177,17 +171,7 @@ def tensor_spec(value: ir.Value | None, dim_values: Mapping[str, int] | None = N
     """TensorSpec of a value from its inferred shape and dtype, symbolic dims bound if given."""
     if value is None:
         return TensorSpec(None, None)
-    dims = value_dims(value)
-    if dims is not None and dim_values:
-        dims = tuple(dim_values.get(d, d) if isinstance(d, str) else d for d in dims)
-    constant = None
-    tensor = value.const_value
-    if tensor is not None and tensor.size <= _CONST_VALUE_LIMIT:
-        try:
-            constant = tensor.numpy()
-        except Exception:  # noqa: BLE001 - a constant we cannot read is simply not passed
-            constant = None
-    return TensorSpec(dims, value.dtype, constant)
+    return declared_spec(value, dim_values, constant_limit=_CONST_VALUE_LIMIT)
 
 
 def op_key(node: ir.Node) -> str:

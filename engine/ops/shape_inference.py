@@ -22,16 +22,32 @@ from engine.ops.registry import (
 )
 
 
-def declared_spec(value: ir.Value) -> TensorSpec:
-    """What the IR says about a value (from the model or ONNX shape inference)."""
-    shape = None
-    if value.shape is not None:
-        shape = tuple(
-            d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
-        )
+def value_dims(value: ir.Value) -> tuple[int | str | None, ...] | None:
+    """The shape of a value as ints, symbolic names and None (None when the rank is unknown)."""
+    if value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else (d.value or None) for d in value.shape)
+
+
+def declared_spec(
+    value: ir.Value,
+    dim_values: Mapping[str, int] | None = None,
+    constant_limit: int | None = None,
+) -> TensorSpec:
+    """What the IR says about a value (from the model or ONNX shape inference).
+
+    ``dim_values`` binds symbolic dims to sizes; a constant's array is attached as
+    ``TensorSpec.value`` when it has at most ``constant_limit`` elements (any size if None).
+    """
+    dims = value_dims(value)
+    if dims is not None and dim_values:
+        dims = tuple(dim_values.get(d, d) if isinstance(d, str) else d for d in dims)
     dtype = value.type.dtype if isinstance(value.type, ir.TensorType) else None
-    constant = value.const_value.numpy() if value.const_value is not None else None
-    return TensorSpec(shape, dtype, constant)
+    tensor = value.const_value
+    constant = None
+    if tensor is not None and (constant_limit is None or tensor.size <= constant_limit):
+        constant = tensor.numpy()
+    return TensorSpec(dims, dtype, constant)
 
 
 def merge_declared(inferred: TensorSpec, declared: TensorSpec) -> TensorSpec:

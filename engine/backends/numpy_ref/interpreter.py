@@ -24,10 +24,10 @@ from engine.ops.registry import (
     KernelContext,
     OpRegistry,
     OpSpec,
-    TensorSpec,
     default_registry,
     normalize_domain,
 )
+from engine.ops.shape_inference import declared_spec
 
 #: ``tap(node, outputs)`` is called after every node with the values it produced.
 TapCallback = Callable[[ir.Node, list[Any]], None]
@@ -148,16 +148,6 @@ def _captured_values(graph: ir.Graph) -> list[ir.Value]:
     return list(captured)
 
 
-def _tensor_spec(value: ir.Value) -> TensorSpec:
-    shape = None
-    if value.shape is not None:
-        shape = tuple(
-            d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape
-        )
-    dtype = value.type.dtype if isinstance(value.type, ir.TensorType) else None
-    return TensorSpec(shape, dtype)
-
-
 class ReferenceInterpreter:
     """Prepared executor for one model on the NumPy reference kernels."""
 
@@ -211,7 +201,7 @@ class ReferenceInterpreter:
                 opset=self.opsets.get(normalize_domain(node.domain), 1),
                 node_name=node.name or "",
                 output_count=len(node.outputs),
-                declared_outputs=[_tensor_spec(v) for v in node.outputs],
+                declared_outputs=[declared_spec(v) for v in node.outputs],
             )
             steps.append(
                 _Step(
@@ -357,7 +347,7 @@ class ReferenceInterpreter:
 
 
 def _tensor_spec_text(value: ir.Value) -> str:
-    spec = _tensor_spec(value)
+    spec = declared_spec(value, constant_limit=0)
     dtype = spec.dtype.name.lower() if spec.dtype is not None else "?"
     shape = (
         "?" if spec.shape is None else ",".join("?" if d is None else str(d) for d in spec.shape)
@@ -370,7 +360,7 @@ def check_feed(value: ir.Value, given: Any) -> Any:
     if not isinstance(value.type, ir.TensorType):
         return given
     array = given if isinstance(given, np.ndarray) else np.asarray(given)
-    spec = _tensor_spec(value)
+    spec = declared_spec(value, constant_limit=0)
     if spec.dtype is not None and spec.dtype != ir.DataType.STRING:
         expected_dtype = spec.dtype.numpy()
         if array.dtype != expected_dtype:
