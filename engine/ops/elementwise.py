@@ -72,6 +72,14 @@ def _divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _pow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if b.size == 1 and a.dtype.kind == "f" and b.ndim <= a.ndim:
+        exponent = float(b.reshape(-1)[0])
+        if exponent == 2.0:
+            return a * a
+        if exponent == 3.0:
+            return a * a * a
+        if exponent == 0.5:
+            return np.sqrt(a)
     if a.dtype.kind in "iu" or b.dtype.kind in "iu":
         result = np.power(a.astype(np.float64), b.astype(np.float64))
         return result.astype(a.dtype)
