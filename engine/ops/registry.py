@@ -58,6 +58,10 @@ FAMILY_MODULES: tuple[str, ...] = (
     "engine.ops.detection",
     "engine.ops.signal",
     "engine.ops.llm",
+    "engine.ops.text_features",
+    "engine.ops.classic_ml",
+    "engine.ops.training",
+    "engine.ops.attention_variants",
 )
 
 

@@ -1,4 +1,4 @@
-"""Signal processing: DFT, STFT and the window generators (Hann, Hamming, Blackman).
+"""Signal processing: DFT, STFT, the window generators (Hann, Hamming, Blackman), MelWeightMatrix.
 
 Complex tensors follow ONNX's convention: a trailing dimension of 2 holds (real, imaginary);
 a trailing dimension of 1 is a real signal.
@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from engine.ops.common import declared_rule, metadata_cost, spec
-from engine.ops.registry import Attrs, KernelContext, OpCost, OpSpec, TensorSpec
+from engine.ops.common import declared_rule, elementwise_cost, metadata_cost, spec
+from engine.ops.registry import Attrs, KernelContext, KernelError, OpCost, OpSpec, TensorSpec
 
 
 def _to_complex(x: np.ndarray) -> np.ndarray:
@@ -98,6 +98,53 @@ def _window(coefficients: tuple[float, ...]):
     return kernel
 
 
+def _mel_edges(
+    num_mel_bins: int, dft_length: int, sample_rate: int, lower: Any, upper: Any
+) -> np.ndarray:
+    """Spectrogram bin of each triangle corner: num_mel_bins + 2 points evenly spaced in mel.
+
+    mel(f) = 2595 log10(1 + f / 700); the mel range is cut into num_mel_bins + 2 steps (as the
+    ONNX reference and onnxruntime do) and each corner f maps to bin floor((dft_length + 1) f / sr).
+    """
+    low_mel = 2595 * np.log1p(lower / 700) / np.log(10)
+    high_mel = 2595 * np.log1p(upper / 700) / np.log(10)
+    mels = np.arange(num_mel_bins + 2) * ((high_mel - low_mel) / (num_mel_bins + 2)) + low_mel
+    hertz = 700 * np.expm1(mels / 2595 * np.log(10))
+    return (((dft_length + 1) * hertz) // sample_rate).astype(np.int64)
+
+
+def _mel_weight_matrix(inputs: list[Any], attrs: Attrs, ctx: KernelContext) -> list[Any]:
+    """[dft_length // 2 + 1, num_mel_bins] triangular filterbank, each triangle peaking at 1."""
+    num_mel_bins, dft_length, sample_rate = (int(np.asarray(v).reshape(-1)[0]) for v in inputs[:3])
+    lower, upper = (np.asarray(v).reshape(-1)[0] for v in inputs[3:5])
+    if num_mel_bins <= 0 or dft_length <= 0 or sample_rate <= 0:
+        raise KernelError("MelWeightMatrix needs positive num_mel_bins, dft_length, sample_rate")
+    edges = _mel_edges(num_mel_bins, dft_length, sample_rate, lower, upper)
+    left, center, right = edges[None, :-2], edges[None, 1:-1], edges[None, 2:]
+    bins = np.arange(dft_length // 2 + 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rising = np.where((bins >= left) & (bins < center), (bins - left) / (center - left), 0.0)
+        falling = np.where((bins > center) & (bins < right), (right - bins) / (right - center), 0.0)
+    weights = rising + (bins == center) + falling
+    dtype = ir.DataType(attrs.int("output_datatype", ir.DataType.FLOAT)).numpy()
+    return [weights.astype(dtype)]
+
+
+def _mel_rule(specs: list[TensorSpec], attrs: Attrs, ctx: KernelContext) -> list[TensorSpec]:
+    """[dft_length // 2 + 1, num_mel_bins] when both are constants, else the declared shape."""
+    dtype = ir.DataType(attrs.int("output_datatype", ir.DataType.FLOAT))
+    mel, dft = specs[0].value, specs[1].value
+    if mel is not None and dft is not None:
+        rows, cols = (
+            int(np.asarray(dft).reshape(-1)[0]) // 2 + 1,
+            int(np.asarray(mel).reshape(-1)[0]),
+        )
+        return [TensorSpec((rows, cols), dtype)]
+    declared = declared_rule(specs, attrs, ctx)
+    shape = declared[0].shape if declared else None
+    return [TensorSpec(shape if shape is not None else (None, None), dtype)]
+
+
 def _fft_cost(ins: list[TensorSpec], outs: list[TensorSpec], attrs: Attrs) -> OpCost:
     elements = outs[0].numel() if outs and outs[0].is_static else 0
     return OpCost(
@@ -113,4 +160,5 @@ OPS: list[OpSpec] = [
     spec("HannWindow", _window((0.5, 0.5)), declared_rule, metadata_cost, "signal"),
     spec("HammingWindow", _window((25 / 46, 21 / 46)), declared_rule, metadata_cost, "signal"),
     spec("BlackmanWindow", _window((0.42, 0.5, 0.08)), declared_rule, metadata_cost, "signal"),
+    spec("MelWeightMatrix", _mel_weight_matrix, _mel_rule, elementwise_cost(6), "signal"),
 ]
