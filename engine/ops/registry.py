@@ -34,6 +34,8 @@ import onnx_ir as ir
 
 DEFAULT_DOMAIN = ""
 ONNX_ML_DOMAIN = "ai.onnx.ml"
+#: Domain of the engine's fused ops (gie::ConvAct, gie::GemmAct, gie::Pointwise, ...).
+GIE_DOMAIN = "gie"
 
 #: Op family modules whose ``OPS`` lists make up the default registry.
 FAMILY_MODULES: tuple[str, ...] = (
@@ -58,6 +60,9 @@ FAMILY_MODULES: tuple[str, ...] = (
     "engine.ops.detection",
     "engine.ops.signal",
     "engine.ops.llm",
+    "engine.ops.gie_fused",
+    "engine.ops.gie_pointwise",
+    "engine.ops.gie_transformer",
     "engine.ops.text_features",
     "engine.ops.classic_ml",
     "engine.ops.training",

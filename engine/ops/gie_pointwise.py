@@ -1,0 +1,5 @@
+"""TODO."""
+
+from engine.ops.registry import OpSpec
+
+OPS: list[OpSpec] = []
