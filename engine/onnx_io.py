@@ -9,6 +9,7 @@
 * initializers that IR-version < 4 models also list as graph inputs become plain constants
   (what onnxruntime does for the classic "light" models);
 * model-local functions are inlined;
+* unnamed nodes are named ``<OpType>_<index>``;
 * external-data tensors are read from the model's folder.
 """
 
@@ -217,9 +218,31 @@ def load(source: ModelSource, infer_shapes: bool = True) -> ir.Model:
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     if model.ir_version < 4:
         RemoveInitializersFromInputsPass()(model)
+        model.ir_version = 4  # initializers are no longer inputs: declare the IR that allows it
     model.graph.sort()
+    name_unnamed_nodes(model.graph)
     model.meta["source"] = label
     return model
+
+
+def name_unnamed_nodes(graph: ir.Graph) -> int:
+    """Give every unnamed node a unique, stable name '<OpType>_<index>'; returns how many.
+
+    ONNX node names are optional (the classic light models have none); the engine names them
+    on import so that reports, steps and provenance can refer to every node.
+    """
+    taken = {node.name for node in graph if node.name}
+    count = 0
+    for index, node in enumerate(graph):
+        if node.name:
+            continue
+        candidate = f"{node.op_type}_{index}"
+        while candidate in taken:
+            candidate += "_"
+        node.name = candidate
+        taken.add(candidate)
+        count += 1
+    return count
 
 
 def unsupported_ops(model: ir.Model, registry: OpRegistry | None = None) -> list[UnsupportedOp]:

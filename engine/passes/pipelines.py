@@ -17,9 +17,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from engine.cost_model import GPU_FP32, DeviceProfile
+from engine.onnx_io import load
 from engine.ops.registry import OpRegistry, default_registry
 from engine.passes.cleanup import CLEANUP_PASSES
 from engine.passes.conv_bn import CONV_BN_PASSES
@@ -73,9 +75,33 @@ def copy_model(model: ir.Model) -> ir.Model:
     return copied
 
 
+#: Models below this default-domain opset are upgraded before optimizing: the stock rewrite
+#: rules match current op versions (e.g. BatchNormalization folding does nothing at opset 9).
+UPGRADE_BELOW_OPSET = 13
+UPGRADE_TO_OPSET = 17
+
+
+def upgrade_opset(model: ir.Model) -> ir.Model:
+    """The model converted to opset 17 when it is older than opset 13 (unchanged otherwise or
+    when ONNX's version converter cannot convert it). Node names are kept."""
+    opset = model.opset_imports.get("", UPGRADE_TO_OPSET)
+    if opset >= UPGRADE_BELOW_OPSET:
+        return model
+    try:
+        original = ir.to_proto(model)
+        original.ir_version = max(original.ir_version, 8)
+        proto = onnx.version_converter.convert_version(original, UPGRADE_TO_OPSET)
+        upgraded = load(proto)
+    except Exception:  # noqa: BLE001 - an old model that cannot be converted stays as it is
+        return model
+    upgraded.meta.update(model.meta)
+    upgraded.meta["opset_upgrade"] = f"{opset} -> {UPGRADE_TO_OPSET}"
+    return upgraded
+
+
 def prepare_for_optimization(model: ir.Model) -> ir.Model:
-    """Copy, name every node, and mark every node as its own origin."""
-    copied = copy_model(model)
+    """Copy (upgrading old opsets), name every node, and mark each as its own origin."""
+    copied = upgrade_opset(copy_model(model))
     name_unnamed_nodes(copied.graph)
     stamp_originals(copied.graph)
     return copied

@@ -13,6 +13,18 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from engine.onnx_io import name_unnamed_nodes
+
+__all__ = [
+    "PROVENANCE_KEY",
+    "RULE_KEY",
+    "inherit_provenance",
+    "name_unnamed_nodes",
+    "provenance",
+    "set_provenance",
+    "stamp_originals",
+]
+
 PROVENANCE_KEY = "gie.provenance"
 RULE_KEY = "gie.rule"
 
@@ -40,22 +52,6 @@ def inherit_provenance(new_nodes: Iterable[ir.Node], removed: Iterable[ir.Node],
         if PROVENANCE_KEY not in node.metadata_props:
             set_provenance(node, origins)
         node.metadata_props[RULE_KEY] = rule
-
-
-def name_unnamed_nodes(graph: ir.Graph) -> int:
-    """Give every unnamed node a unique, stable name '<OpType>_<index>'; returns how many."""
-    taken = {node.name for node in graph if node.name}
-    count = 0
-    for index, node in enumerate(graph):
-        if node.name:
-            continue
-        candidate = f"{node.op_type}_{index}"
-        while candidate in taken:
-            candidate += "_"
-        node.name = candidate
-        taken.add(candidate)
-        count += 1
-    return count
 
 
 def stamp_originals(graph: ir.Graph) -> None:
