@@ -314,13 +314,15 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser with the ``inspect`` and ``run`` subcommands."""
+    """The argparse parser with the ``inspect``, ``run`` and ``optimize`` subcommands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
     )
     parser = argparse.ArgumentParser(
-        prog=PROG, description="GIE Studio: inspect and run ONNX models.", parents=[common]
+        prog=PROG,
+        description="GIE Studio: inspect, run and optimize ONNX models.",
+        parents=[common],
     )
     parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -350,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-inputs", metavar="FILE.npz", help="write the inputs used")
     run.add_argument("--save-outputs", metavar="FILE.npz", help="write the outputs")
     run.set_defaults(handler=cmd_run)
+
+    from engine.cli_optimize import add_optimize_command  # imports this module: load it late
+
+    add_optimize_command(commands, common)
     return parser
 
 

@@ -54,7 +54,7 @@ class GraphCost:
             "node_count": self.node_count,
             "flops": self.flops,
             "bytes": self.bytes,
-            "latency_ms": round(self.latency_ms, 6),
+            "latency_ms": self.latency_ms,
             "unknown_nodes": self.unknown_nodes,
         }
 

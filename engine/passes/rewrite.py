@@ -126,7 +126,8 @@ class RewritePass:
         for initializer in delta.new_initializers:
             _register_initializer(graph, initializer)
         onnxscript.optimizer.basic_constant_propagation(delta.new_nodes)
-        removed = list(delta.match.nodes)
+        position = {id(n): i for i, n in enumerate(graph)}
+        removed = sorted(delta.match.nodes, key=lambda n: position.get(id(n), -1))
         _name_new_nodes(graph, delta.new_nodes, node.name or node.op_type)
         inherit_provenance(delta.new_nodes, removed, str(rule.name))
         anchor = node.name

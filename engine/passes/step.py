@@ -73,7 +73,7 @@ class Step:
             "provenance": {name: list(origins) for name, origins in self.provenance.items()},
             "before": self.before.to_json(),
             "after": self.after.to_json(),
-            "seconds": round(self.seconds, 6),
+            "seconds": self.seconds,
             "numeric_check": None if self.numeric_check is None else self.numeric_check.to_json(),
         }
 
