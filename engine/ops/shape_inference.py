@@ -73,6 +73,15 @@ class SpecInference:
     def __getitem__(self, value: ir.Value) -> TensorSpec:
         return self.specs[value]
 
+    def spec_of(self, value: ir.Value) -> TensorSpec:
+        """The inferred spec of ``value``, or what the IR declares when it was not inferred."""
+        return self.specs.get(value) or declared_spec(value)
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """An omitted input, or an initializer that is not also a graph input (not overridable)."""
+    return value is None or (value.const_value is not None and not value.is_graph_input())
+
 
 def infer_node(
     node: ir.Node,

@@ -22,8 +22,6 @@ rename a graph input or merge two graph outputs (the reason says which).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import (
@@ -32,12 +30,12 @@ from onnx_ir.passes.common import (
     RemoveUnusedNodesPass,
 )
 from onnxscript.rewriter._basics import MatchResult
-from onnxscript.rewriter._rewrite_rule import RewriteRule, RewriteRuleClassBase
+from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase
 
-from engine.passes.events import PassContext, WhyNot
+from engine.passes.events import PassContext
 from engine.passes.function_pass import FunctionPass
 from engine.passes.manager import GraphPass
-from engine.passes.rewrite import RewritePass
+from engine.passes.rewrite import NOT_A_NEAR_MATCH, RewritePass
 
 _D = ir.DataType
 _INTS = {
@@ -90,40 +88,6 @@ def forwarding_refusal(node: str, forwarded: ir.Value, replaced: ir.Value) -> st
 
 
 #: Reason a check gives when the node is not even a near match; never reported as a WhyNot.
-NOT_A_NEAR_MATCH = "<not a near match>"
-
-
-@dataclass
-class _NearMissContext(PassContext):
-    """A PassContext that drops the refusals marked :data:`NOT_A_NEAR_MATCH`."""
-
-    def why_not(self, why: WhyNot) -> None:
-        if why.reason != NOT_A_NEAR_MATCH:
-            super().why_not(why)
-
-
-@dataclass(frozen=True)
-class NearMissRewritePass(RewritePass):
-    """A RewritePass whose rules may refuse silently (reason :data:`NOT_A_NEAR_MATCH`).
-
-    Rules with broad patterns (any Mul, any Reshape) refuse most nodes they see; only the
-    refusals that explain a real near match become WhyNot records.
-    """
-
-    def _try(
-        self,
-        model: ir.Model,
-        rule: RewriteRule,
-        node: ir.Node,
-        context: PassContext,
-        report_refusals: bool,
-    ) -> bool:
-        quiet = _NearMissContext(
-            context.registry, context.instruments, context.disabled_rules, context.pass_name
-        )
-        return super()._try(model, rule, node, quiet, report_refusals)
-
-
 def _node_name(context: object) -> str:
     root = getattr(context, "root", None)
     return (root.name or root.op_type) if root is not None else "node"
@@ -381,7 +345,7 @@ NEUTRAL_RULES = (
     RemoveNeutralOperand.rule("remove_sub_zero", "Sub", 0.0, False),
     RemoveNeutralOperand.rule("remove_div_by_one", "Div", 1.0, False),
 )
-CLEANUP_RULES = NearMissRewritePass(
+CLEANUP_RULES = RewritePass(
     "cleanup",
     (
         RemoveIdentity.rule(),
@@ -392,7 +356,7 @@ CLEANUP_RULES = NearMissRewritePass(
         RemoveNoOpReshape.rule(),
     ),
 )
-CAST_CLEANUP = NearMissRewritePass("cast_cleanup", (RemoveNoOpCast.rule(), MergeCastChain.rule()))
+CAST_CLEANUP = RewritePass("cast_cleanup", (RemoveNoOpCast.rule(), MergeCastChain.rule()))
 DEAD_CODE_ELIMINATION = FunctionPass("dead_code_elimination", eliminate_dead_code)
 DEDUPLICATE_INITIALIZERS = FunctionPass("deduplicate_initializers", deduplicate_initializers)
 COMMON_SUBEXPRESSION_ELIMINATION = FunctionPass(

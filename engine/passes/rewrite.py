@@ -41,6 +41,11 @@ def rule_source(rule: RewriteRule) -> str:
     return f"{path}:{line}"
 
 
+#: A check refusing with this reason is not reporting a near match (rules with broad patterns,
+#: such as "any Mul", refuse most nodes they see); no WhyNot is recorded for it.
+NOT_A_NEAR_MATCH = "<not a near match>"
+
+
 class _WhyNotTracer(MatchingTracer):
     """Collects checks that refused a structural match (status CONDITION/REPLACEMENT_FAILED)."""
 
@@ -56,7 +61,8 @@ class _WhyNotTracer(MatchingTracer):
         match_result: MatchResult,
         status: MatchStatus,
     ) -> None:
-        if status in (MatchStatus.CONDITION_FAILED, MatchStatus.REPLACEMENT_FAILED):
+        refused = status in (MatchStatus.CONDITION_FAILED, MatchStatus.REPLACEMENT_FAILED)
+        if refused and match_result.reason != NOT_A_NEAR_MATCH:
             self.refusals.append((node, match_result.reason or "the rule's check refused"))
 
 
