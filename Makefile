@@ -21,7 +21,9 @@ setup: $(STAMP)
 demo: setup
 	@model="$(MODEL)"; if [ -z "$$model" ]; then model=$$($(PY) -m engine.examples resnet50); fi; \
 	echo "== gie inspect $$model"; $(VENV)/bin/gie inspect "$$model" && \
-	echo "== gie run $$model" && $(VENV)/bin/gie run "$$model" --warmup 1 --iterations 5
+	echo "== gie run $$model" && $(VENV)/bin/gie run "$$model" --warmup 1 --iterations 5 && \
+	echo "== gie optimize $$model -O3" && mkdir -p $(OUT) && \
+	$(VENV)/bin/gie optimize "$$model" -O3 -o $(OUT)/optimized.onnx --json $(OUT)/steps.json
 
 test: setup
 	$(VENV)/bin/ruff check .
