@@ -390,4 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the canonical engine.cli module, not this __main__ copy, so that the exception classes
+    # subcommand modules import from engine.cli are the ones main() catches.
+    from engine.cli import main as canonical_main
+
+    sys.exit(canonical_main())

@@ -30,7 +30,8 @@ from engine.passes.pipelines import all_pass_and_rule_names
 
 
 class StepExporter(Instrument):
-    """Writes the graph before the first pass and after every step into ``directory``."""
+    """Writes the graph before the first pass (step_0000_original) and after every step
+    (step_NNNN_<pass>_<rule>, NNNN = step index + 1) into ``directory``, as .onnx and .txt."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -42,12 +43,12 @@ class StepExporter(Instrument):
 
     def before_pipeline(self, model: ir.Model, pass_names: Any) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._write(model, "step_original")
+        self._write(model, "step_0000_original")
 
     def after_rewrite(self, event: RewriteEvent, model: ir.Model) -> None:
         label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{event.pass_name}_{event.rule or 'pass'}")
-        self._write(model, f"step_{self.index:04d}_{label}")
         self.index += 1
+        self._write(model, f"step_{self.index:04d}_{label}")
 
 
 def op_counts(model: ir.Model) -> dict[str, int]:

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from engine.passes.events import PassContext, RewriteEvent
 from engine.passes.provenance import inherit_provenance
+from engine.passes.rewrite import ensure_opset_imports
 
 Transform = Callable[[ir.Model, PassContext], bool]
 
@@ -55,6 +56,7 @@ class FunctionPass:
         added = [n for n in after if id(n) not in before_ids]
         if added:
             inherit_provenance(added, removed, self.name)
+            ensure_opset_imports(model, added)
         if removed or added or changed:
             context.rewrite(
                 RewriteEvent(

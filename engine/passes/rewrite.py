@@ -140,6 +140,7 @@ class RewritePass:
         convenience.replace_nodes_and_values(
             graph, node, removed, delta.new_nodes, delta.match.outputs, delta.new_outputs
         )
+        ensure_opset_imports(model, delta.new_nodes)
         event = RewriteEvent(
             pass_name=self.name,
             rule=str(rule.name),
@@ -176,3 +177,10 @@ def _register_initializer(graph: ir.Graph, value: ir.Value) -> None:
     value.name = name
     if name not in graph.initializers:
         graph.register_initializer(value)
+
+
+def ensure_opset_imports(model: ir.Model, nodes: Sequence[ir.Node]) -> None:
+    """Import every domain the new nodes use (our ``gie`` ops are version 1)."""
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") and node.domain not in model.opset_imports:
+            model.opset_imports[node.domain] = 1
