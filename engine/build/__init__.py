@@ -1,0 +1,1 @@
+"""The builder: optimized graph -> Plan (layers, tactics, memory) -> Engine."""
