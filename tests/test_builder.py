@@ -1,4 +1,4 @@
-"""engine.builder.build: the whole pipeline on real models, the timing cache, profiles, precision."""
+"""engine.builder.build: the pipeline on real models, the timing cache, profiles, precisions."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from engine.build.timing import FakeTimer
 from engine.builder import BuildError, build
 from engine.config import BuilderConfig, Precision, PrecisionMode, ShapeProfile
 from engine.onnx_io import load
-from engine.zoo import ZOO, build as build_zoo, make_inputs
+from engine.zoo import ZOO, make_inputs
+from engine.zoo import build as build_zoo
 
 
-def _reference(model, feeds):  # noqa: ANN001, ANN202
+def _reference(model, feeds):
     return ReferenceInterpreter(model).run(feeds).outputs
 
 
