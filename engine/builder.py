@@ -73,7 +73,9 @@ def build(
             )
     if progress:
         progress("optimize", 0, 1)
-    result = optimize(model, config.optimization_level, disabled=config.disabled_passes)
+    result = optimize(
+        model, config.optimization_level, disabled=config.disabled_passes, estimate_costs=False
+    )
     before = len(model.graph)
     log.add(
         "optimize",
@@ -86,7 +88,7 @@ def build(
     if progress:
         progress("optimize", 1, 1)
     cache = TimingCache(config.timing_cache_path) if config.timing_cache_path else None
-    stats = select_tactics(plan, config, log, timer=timer, cache=cache)
+    stats = select_tactics(plan, config, log, timer=timer, cache=cache, progress=progress)
     log.add("tactics", f"{stats.timed} candidates timed, {stats.cache_hits} timing-cache hits")
     memory = plan_memory(plan, config)
     log.add(

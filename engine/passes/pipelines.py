@@ -115,15 +115,19 @@ def optimize(
     check_feeds: Mapping[str, np.ndarray] | None = None,
     device: DeviceProfile = GPU_FP32,
     registry: OpRegistry | None = None,
+    estimate_costs: bool = True,
 ) -> OptimizationResult:
     """Optimize a copy of ``model`` at ``level``, recording every step.
 
     ``disabled`` names passes or rules to skip; ``check_feeds`` turns on the per-step numeric
-    check against the reference backend; extra ``instruments`` see every pass and rewrite.
+    check against the reference backend; extra ``instruments`` see every pass and rewrite;
+    ``estimate_costs=False`` records steps without the per-step cost estimate (faster).
     """
     registry = registry or default_registry()
     working = prepare_for_optimization(model)
-    recorder = StepRecorder(device=device, check_feeds=check_feeds, registry=registry)
+    recorder = StepRecorder(
+        device=device, check_feeds=check_feeds, registry=registry, estimate_costs=estimate_costs
+    )
     manager = PassManager(
         pipeline(level), [recorder, *instruments], disabled_set(disabled), registry
     )

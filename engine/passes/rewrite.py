@@ -9,10 +9,12 @@ turns every check that refused a structural match into a :class:`WhyNot`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -29,6 +31,12 @@ def rule_source(rule: RewriteRule) -> str:
     function = getattr(getattr(rule, "_replacement_pattern", None), "_function", None)
     if function is None:
         return ""
+    return _source_of(getattr(function, "__func__", function))
+
+
+@functools.cache
+def _source_of(function: Any) -> str:
+    """Source location of a function (cached: reading source files is slow)."""
     try:
         path = inspect.getsourcefile(function) or ""
         line = inspect.getsourcelines(function)[1]
