@@ -24,6 +24,7 @@ from engine.config import BuilderConfig, Precision, PrecisionMode
 from engine.device import device_identity
 from engine.onnx_io import load
 from engine.passes import optimize
+from engine.recipe import SOURCE_SHA256_KEY, file_sha256
 from engine.runtime import Engine
 
 #: ``progress(stage, done, total)`` is called as the build advances (the CLI draws a bar).
@@ -62,7 +63,9 @@ def build(
     """Build an engine for ``model`` (an onnx-ir model or an ONNX path)."""
     config = config or BuilderConfig()
     if not isinstance(model, ir.Model):
-        model = load(model)
+        source = model
+        model = load(source)
+        model.metadata_props[SOURCE_SHA256_KEY] = file_sha256(source)
     log = BuildLog()
     for profile in config.profiles:
         names = {v.name for v in model.graph.inputs}
