@@ -93,7 +93,7 @@ def build(
     cache = TimingCache(config.timing_cache_path) if config.timing_cache_path else None
     stats = select_tactics(plan, config, log, timer=timer, cache=cache, progress=progress)
     log.add("tactics", f"{stats.timed} candidates timed, {stats.cache_hits} timing-cache hits")
-    memory = plan_memory(plan, config)
+    memory = plan_memory(plan, config, log=log)
     log.add(
         "memory",
         f"arena {memory.arena_bytes:,} bytes vs {memory.naive_bytes:,} naive "
