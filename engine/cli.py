@@ -1,4 +1,5 @@
-"""The ``gie`` command line: inspect a model, run it on the reference backend.
+"""The ``gie`` command line: inspect a model, run it on the reference backend (``gie build``,
+``profile``, ``compare`` and ``run``/``inspect`` on a .gie engine: engine/cli_engine.py).
 
 ``gie inspect MODEL [--json F]``
     Inputs/outputs, op histogram, parameters, estimated FLOPs and memory traffic, unsupported ops.
@@ -179,7 +180,10 @@ def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> None:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON atomically: nothing is left half-written when serialising or writing fails."""
+    """Write JSON atomically (``-``: standard output); nothing is left half-written on failure."""
+    if str(path) == "-":
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
     target = Path(path)
     temporary = target.with_name(f".{target.name}.partial")
     try:
@@ -213,8 +217,17 @@ def parse_dims(items: Sequence[str] | None) -> dict[str, int]:
     return dims
 
 
+def on_engine(args: argparse.Namespace) -> int | None:
+    """``gie run``/``gie inspect`` when args.model is a .gie engine (a zip: starts with PK)."""
+    from engine import cli_engine  # imports this module: load it late
+
+    return cli_engine.engine_handler(args) if cli_engine.is_engine_file(args.model) else None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``gie inspect``: print the model's statistics; optionally write them as JSON."""
+    if (status := on_engine(args)) is not None:
+        return status
     dims = parse_dims(args.dim)
     model = _load(args.model)
     stats = compute_stats(model, dim_values=dims)
@@ -229,6 +242,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``gie run``: run the model on the reference backend and print outputs and a profile."""
     if args.iterations < 1 or args.warmup < 0:
         raise CliError("--iterations must be >= 1 and --warmup >= 0")
+    if (status := on_engine(args)) is not None:
+        return status
     model = _load(args.model)
     missing_ops = unsupported_ops(model)
     if missing_ops:
@@ -321,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="GIE Studio: inspect, run and optimize ONNX models.",
+        description="GIE Studio: inspect, optimize and run ONNX models; build engines.",
         parents=[common],
     )
     parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
@@ -330,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect", parents=[common], help="inputs, outputs, op histogram, parameters, FLOPs"
     )
-    inspect.add_argument("model", help="ONNX model file")
+    inspect.add_argument("model", help="ONNX model or .gie engine file")
     inspect.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
     inspect.add_argument(
         "--dim",
@@ -343,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", parents=[common], help="run on the reference backend, with a per-node profile"
     )
-    run.add_argument("model", help="ONNX model file")
+    run.add_argument("model", help="ONNX model or .gie engine file")
     run.add_argument("--inputs", metavar="FILE.npz", help="input arrays by input name")
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs (0)")
     run.add_argument("--iterations", type=int, default=1, help="timed runs (1)")
@@ -356,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.cli_optimize import add_optimize_command  # imports this module: load it late
 
     add_optimize_command(commands, common)
+    from engine.cli_engine import add_engine_commands  # build, profile, compare
+
+    add_engine_commands(commands, common)
     return parser
 
 
@@ -375,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(str(error))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # e.g. `gie run ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
