@@ -231,10 +231,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     dims = parse_dims(args.dim)
     model = _load(args.model)
     stats = compute_stats(model, dim_values=dims)
-    print("\n".join(format_stats(stats)))
+    to_stdout = args.json == "-"
+    print("\n".join(format_stats(stats)), file=sys.stderr if to_stdout else sys.stdout)
     if args.json:
         write_json(args.json, stats.to_json())
-        print(f"\nwrote {args.json}")
+        if not to_stdout:
+            print(f"\nwrote {args.json}")
     return EXIT_OK
 
 
