@@ -23,7 +23,12 @@ demo: setup
 	echo "== gie inspect $$model"; $(VENV)/bin/gie inspect "$$model" && \
 	echo "== gie run $$model" && $(VENV)/bin/gie run "$$model" --warmup 1 --iterations 5 && \
 	echo "== gie optimize $$model -O3" && mkdir -p $(OUT) && \
-	$(VENV)/bin/gie optimize "$$model" -O3 -o $(OUT)/optimized.onnx --json $(OUT)/steps.json
+	$(VENV)/bin/gie optimize "$$model" -O3 -o $(OUT)/optimized.onnx --json $(OUT)/steps.json && \
+	echo "== gie build $$model" && \
+	$(VENV)/bin/gie build "$$model" -o $(OUT)/model.gie --timing-cache $(OUT)/timing_cache.json && \
+	echo "== gie profile $(OUT)/model.gie" && $(VENV)/bin/gie profile $(OUT)/model.gie && \
+	echo "== gie compare $$model $(OUT)/model.gie" && $(VENV)/bin/gie compare "$$model" $(OUT)/model.gie && \
+	echo "wrote $(OUT)/: optimized.onnx, steps.json, model.gie, timing_cache.json"
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -94,9 +94,4 @@ def build(
     stats = select_tactics(plan, config, log, timer=timer, cache=cache, progress=progress)
     log.add("tactics", f"{stats.timed} candidates timed, {stats.cache_hits} timing-cache hits")
     memory = plan_memory(plan, config, log=log)
-    log.add(
-        "memory",
-        f"arena {memory.arena_bytes:,} bytes vs {memory.naive_bytes:,} naive "
-        f"({memory.arena_bytes / max(memory.naive_bytes, 1):.0%})",
-    )
     return Engine(plan, memory, config, log, device_identity(config.backend))
