@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from cli_testing import clean_error, gie, ok
 from onnx import TensorProto, helper, numpy_helper
 
 from engine import zoo
@@ -20,36 +19,9 @@ from engine.cli_engine import synthetic_feeds
 from engine.examples import LIGHT_MODELS, light_model_path
 from engine.zoo.builder import concrete_shape
 
-ROOT = Path(__file__).resolve().parents[1]
 RESNET50 = light_model_path("resnet50")
 FAST_TIMING = ("--timing-iterations", "1", "--timing-warmup", "0")
 METRICS = {"max_abs", "mean_abs", "p99_abs", "max_rel", "cosine"}
-
-
-def gie(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m engine.cli ARGS`` from the repository root."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result
-
-
-def clean_error(result: subprocess.CompletedProcess[str], *mentions: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gie: error: "), result.stderr
-    for mention in mentions:
-        assert mention in lines[0], (mention, lines[0])
 
 
 def compare_json(*args: str | os.PathLike[str], status: int = 0) -> dict:
