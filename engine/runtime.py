@@ -305,7 +305,7 @@ class Engine:
             self._interpreter = ReferenceInterpreter(self.plan.model)
         outer = {self._values[n]: v for n, v in env.items() if n in self._values}
         # The interpreter's subgraph runner resolves captured outer values from ``outer``.
-        runner = self._interpreter._run_subgraph(outer, None)
+        runner = self._interpreter.subgraph_runner(outer)
         return replace(layer.context, run_subgraph=runner)
 
     def _execute(

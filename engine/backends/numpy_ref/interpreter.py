@@ -292,9 +292,12 @@ class ReferenceInterpreter:
             timings or [],
         )
 
-    def _run_subgraph(
-        self, outer_env: dict[ir.Value, Any], tap: TapCallback | None
+    def subgraph_runner(
+        self, outer_env: dict[ir.Value, Any], tap: TapCallback | None = None
     ) -> Callable[[ir.Graph, Sequence[Any]], list[Any]]:
+        """A ``run_subgraph(graph, inputs)`` for kernels of If/Loop/Scan nodes of this model,
+        resolving the values a body captures from ``outer_env`` (the enclosing graph's values)."""
+
         def run_subgraph(graph: ir.Graph, inputs: Sequence[Any]) -> list[Any]:
             program = self._program(graph)
             env: dict[ir.Value, Any] = dict(program.constants)
@@ -319,7 +322,7 @@ class ReferenceInterpreter:
         if tap is not None:
             for node, results in program.precomputed:
                 tap(node, results)
-        subgraph_runner = self._run_subgraph(env, tap)
+        subgraph_runner = self.subgraph_runner(env, tap)
         for step in program.steps:
             inputs = [None if v is None else env[v] for v in step.inputs]
             step.context.run_subgraph = subgraph_runner
