@@ -101,10 +101,10 @@ class Step:
         )
 
     def summary(self) -> str:
-        """One timeline line: '#3  conv_bn/fold_bn_into_conv  -2 +1  nodes 412  0.81 ms'."""
+        """One timeline line: "#3  fold_batchnorm_and_pad/fold_batchnorm_into_conv  -2 +1  nodes 412  est 0.81 ms"."""
         label = self.pass_name + (f"/{self.rule}" if self.rule else "")
         return (
-            f"#{self.index:<4} {label:<44} -{len(self.removed):<3} +{len(self.added):<3} "
+            f"#{self.index:<4} {label:<60} -{len(self.removed):<3} +{len(self.added):<3} "
             f"nodes {self.after.node_count:<5} est {self.after.latency_ms:.3f} ms"
         )
 
