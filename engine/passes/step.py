@@ -101,7 +101,7 @@ class Step:
         )
 
     def summary(self) -> str:
-        """One timeline line: "#3  fold_batchnorm_and_pad/fold_batchnorm_into_conv  -2 +1  nodes 412  est 0.81 ms"."""
+        """One timeline line: index, pass/rule, nodes removed/added, node count, est. latency."""
         label = self.pass_name + (f"/{self.rule}" if self.rule else "")
         return (
             f"#{self.index:<4} {label:<60} -{len(self.removed):<3} +{len(self.added):<3} "
