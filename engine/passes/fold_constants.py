@@ -52,7 +52,7 @@ FOLD_STATIC_SHAPE = "fold_static_shape"
 #: Ops never folded: quantization boundaries stay so quantized weights keep their int form;
 #: Dropout draws a random mask in training mode.
 KEEP_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "Dropout"})
-DEFAULT_MAX_ELEMENTS = 2**26
+DEFAULT_MAX_ELEMENTS = 2**28
 
 
 def _has_subgraph(node: ir.Node) -> bool:
