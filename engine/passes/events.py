@@ -33,8 +33,10 @@ class RewriteEvent:
     """One change to the graph.
 
     ``removed``/``added`` are the node objects taken out and put in (removed nodes are
-    detached from the graph but keep their names, ops and metadata). ``anchor`` is the node a
-    rule matched at (its name), so a replay can apply the same rule at the same place.
+    detached from the graph but keep their names, ops and metadata); ``initializers_*`` name
+    the constants the change dropped or created (folding, dead-code elimination, BN folding).
+    ``anchor`` is the node a rule matched at (its name), so a replay can apply the same rule at
+    the same place.
     """
 
     pass_name: str
@@ -44,6 +46,8 @@ class RewriteEvent:
     removed: list[ir.Node]
     added: list[ir.Node]
     seconds: float = 0.0
+    initializers_removed: tuple[str, ...] = ()
+    initializers_added: tuple[str, ...] = ()
 
 
 class Instrument:

@@ -46,6 +46,7 @@ class FunctionPass:
 
     def run(self, model: ir.Model, context: PassContext) -> bool:
         before = list(model.graph)
+        constants_before = set(model.graph.initializers)
         started = time.perf_counter()
         changed = self.transform(model, context)
         seconds = time.perf_counter() - started
@@ -57,6 +58,7 @@ class FunctionPass:
         if added:
             inherit_provenance(added, removed, self.name)
             ensure_opset_imports(model, added)
+        constants_after = set(model.graph.initializers)
         if removed or added or changed:
             context.rewrite(
                 RewriteEvent(
@@ -67,6 +69,8 @@ class FunctionPass:
                     removed=removed,
                     added=added,
                     seconds=seconds,
+                    initializers_removed=tuple(sorted(constants_before - constants_after)),
+                    initializers_added=tuple(sorted(constants_after - constants_before)),
                 ),
                 model,
             )

@@ -144,6 +144,8 @@ class StepRecorder(Instrument):
                 after=after,
                 seconds=event.seconds,
                 numeric_check=check,
+                initializers_removed=event.initializers_removed,
+                initializers_added=event.initializers_added,
             )
         )
         self._cost = after

@@ -157,6 +157,7 @@ class RewritePass:
             removed=removed,
             added=list(delta.new_nodes),
             seconds=time.perf_counter() - started,
+            initializers_added=tuple(v.name or "" for v in delta.new_initializers),
         )
         context.rewrite(event, model)
         return True

@@ -11,6 +11,8 @@ JSON schema (``STEP_SCHEMA_VERSION`` = 1), one object per step::
       "anchor": "Conv_3" | null,       # node the rule matched at (replay applies it there)
       "removed": ["Conv_3", "BatchNormalization_4"],   # node names taken out
       "added": ["Conv_3/Conv"],        # node names put in
+      "initializers_removed": [],      # constants dropped (dead code, folding)
+      "initializers_added": ["w_fused"],  # constants created (folding, BN folding)
       "provenance": {"Conv_3/Conv": ["Conv_3", "BatchNormalization_4"]},  # added -> originals
       "before": {"node_count": .., "flops": .., "bytes": .., "latency_ms": .., "unknown_nodes": ..},
       "after":  {same keys},           # estimated with engine.cost_model (GPU fp32 roofline)
@@ -58,6 +60,8 @@ class Step:
     after: GraphCost
     seconds: float
     numeric_check: NumericCheck | None = None
+    initializers_removed: tuple[str, ...] = ()
+    initializers_added: tuple[str, ...] = ()
     schema_version: int = field(default=STEP_SCHEMA_VERSION)
 
     def to_json(self) -> dict[str, Any]:
@@ -70,6 +74,8 @@ class Step:
             "anchor": self.anchor,
             "removed": list(self.removed),
             "added": list(self.added),
+            "initializers_removed": list(self.initializers_removed),
+            "initializers_added": list(self.initializers_added),
             "provenance": {name: list(origins) for name, origins in self.provenance.items()},
             "before": self.before.to_json(),
             "after": self.after.to_json(),
@@ -98,15 +104,21 @@ class Step:
             after=_cost(data["after"]),
             seconds=float(data.get("seconds", 0.0)),
             numeric_check=None if check is None else NumericCheck(**check),
+            initializers_removed=tuple(data.get("initializers_removed", ())),
+            initializers_added=tuple(data.get("initializers_added", ())),
         )
 
     def summary(self) -> str:
         """One timeline line: index, pass/rule, nodes removed/added, node count, est. latency."""
         label = self.pass_name + (f"/{self.rule}" if self.rule else "")
-        return (
+        line = (
             f"#{self.index:<4} {label:<60} -{len(self.removed):<3} +{len(self.added):<3} "
             f"nodes {self.after.node_count:<5} est {self.after.latency_ms:.3f} ms"
         )
+        if not self.removed and not self.added:
+            dropped, created = len(self.initializers_removed), len(self.initializers_added)
+            line += f"  (constants -{dropped} +{created})"
+        return line
 
 
 def _cost(data: dict[str, Any]) -> GraphCost:

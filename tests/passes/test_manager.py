@@ -186,3 +186,20 @@ def test_canonical_text_lists_nodes_in_order() -> None:
     text = canonical_text(_model(direct_input=True))
     assert "neg_1 = Neg(x) -> a\nneg_2 = Neg(a) -> b\nrelu = Relu(b) -> y\n" in text
     assert isinstance(onnx.__version__, str)
+
+
+def test_constant_only_changes_are_named_in_the_step() -> None:
+    def drop_unused_constant(model: ir.Model, context: PassContext) -> bool:
+        model.graph.initializers.pop("unused")
+        return True
+
+    model = prepare_for_optimization(_model())
+    model.graph.register_initializer(
+        ir.Value(name="unused", const_value=ir.tensor(np.zeros(3, np.float32)))
+    )
+    recorder = StepRecorder()
+    PassManager([FunctionPass("drop", drop_unused_constant)], [recorder]).run(model)
+    (step,) = recorder.steps
+    assert step.initializers_removed == ("unused",) and step.removed == ()
+    assert step.summary().endswith("(constants -1 +0)")
+    assert Step.from_json(step.to_json()).initializers_removed == ("unused",)
