@@ -24,9 +24,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from engine.backends.numpy_ref.interpreter import iter_nodes_recursive
+from engine.backends.numpy_ref.interpreter import iter_nodes_recursive, node_subgraphs
 from engine.onnx_io import UnsupportedOp, unsupported_ops
-from engine.ops.registry import Attrs, OpCost, OpRegistry, TensorSpec, default_registry
+from engine.ops.registry import (
+    RANDOM_OP_TYPES,
+    Attrs,
+    OpCost,
+    OpRegistry,
+    TensorSpec,
+    default_registry,
+)
 from engine.ops.shape_inference import declared_spec, value_dims
 
 Dim = int | str | None
@@ -218,11 +225,7 @@ def node_cost(
 def _all_graphs(graph: ir.Graph) -> list[ir.Graph]:
     graphs = [graph]
     for node in iter_nodes_recursive(graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                graphs.append(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                graphs.extend(attr.value)
+        graphs.extend(node_subgraphs(node))
     return graphs
 
 
@@ -241,16 +244,6 @@ def _parameters(graph: ir.Graph) -> tuple[int, int, int]:
 
 
 #: Ops whose output is not a function of their inputs: never constant, even on constant inputs.
-_NONDETERMINISTIC = (
-    "RandomNormal",
-    "RandomUniform",
-    "RandomNormalLike",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-)
-
-
 def _folded_parameters(graph: ir.Graph) -> tuple[int, int]:
     """(elements, bytes) of the weights that nodes compute from constants alone.
 
@@ -261,11 +254,7 @@ def _folded_parameters(graph: ir.Graph) -> tuple[int, int]:
     constant = {v for v in graph.initializers.values() if v.const_value is not None}
     folded: list[ir.Value] = []
     for node in graph:
-        has_subgraph = any(
-            attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-            for attr in node.attributes.values()
-        )
-        if has_subgraph or node.op_type in _NONDETERMINISTIC:
+        if node_subgraphs(node) or node.op_type in RANDOM_OP_TYPES:
             continue
         if all(v is None or v in constant for v in node.inputs):
             constant.update(node.outputs)

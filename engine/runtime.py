@@ -25,7 +25,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from engine.backends.numpy_ref.interpreter import describe_value
+from engine.backends.numpy_ref.interpreter import (
+    ReferenceInterpreter,
+    describe_value,
+    node_subgraphs,
+)
 from engine.build.log import BuildLog
 from engine.build.memory import MemoryPlan, liveness, plan_memory, planning_shapes
 from engine.build.plan import Layer, Plan
@@ -289,12 +293,8 @@ class Engine:
 
     def _context(self, layer: Layer, env: dict[str, Any]) -> KernelContext:
         """The layer's kernel context; for If/Loop/Scan, with a runner for their bodies."""
-        if not any(
-            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-            for a in layer.node.attributes.values()
-        ):
+        if not node_subgraphs(layer.node):
             return layer.context
-        from engine.backends.numpy_ref import ReferenceInterpreter
 
         if self._values is None:
             graph = self.plan.model.graph

@@ -38,6 +38,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from engine.backends.numpy_ref.interpreter import captured_values, node_subgraphs
 from engine.build.log import BuildLog
 from engine.build.plan import Layer, Plan, optimization_specs
 from engine.config import BuilderConfig
@@ -260,18 +261,9 @@ def planning_shapes(
 
 
 def _subgraph_reads(node: ir.Node) -> Iterator[str]:
-    """Names of values read inside a node's nested graphs (an over-approximation of captures)."""
-    for attr in node.attributes.values():
-        graphs = []
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs = [attr.value]
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs = list(attr.value)
-        for graph in graphs:
-            for inner in graph:
-                yield from (v.name or "" for v in inner.inputs if v is not None)
-                yield from _subgraph_reads(inner)
-            yield from (v.name or "" for v in graph.outputs)
+    """Names of enclosing-graph values a node's nested graphs read (If/Loop/Scan captures)."""
+    for graph in node_subgraphs(node):
+        yield from (v.name or "" for v in captured_values(graph))
 
 
 def liveness(plan: Plan) -> dict[str, tuple[int, int]]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from engine.backends.numpy_ref.interpreter import node_subgraphs
 from engine.ops.registry import (
     RANDOM_OP_TYPES,
     Attrs,
@@ -53,13 +54,6 @@ FOLD_STATIC_SHAPE = "fold_static_shape"
 #: Dropout draws a random mask in training mode.
 KEEP_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "Dropout"})
 DEFAULT_MAX_ELEMENTS = 2**28
-
-
-def _has_subgraph(node: ir.Node) -> bool:
-    return any(
-        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for attr in node.attributes.values()
-    )
 
 
 def _opset(model: ir.Model, node: ir.Node) -> int:
@@ -128,7 +122,7 @@ class ConstantFoldPass:
     ) -> str | None:
         """Which folding applies to ``node`` (None when none does); without ``check_inputs``,
         which would apply were its inputs constant."""
-        if node.op_type in RANDOM_OP_TYPES or node.op_type in KEEP_OPS or _has_subgraph(node):
+        if node.op_type in RANDOM_OP_TYPES or node.op_type in KEEP_OPS or node_subgraphs(node):
             return None
         if not check_inputs or all(is_constant(v) for v in node.inputs):
             rule = FOLD_CONSTANT_NODE

@@ -115,7 +115,8 @@ def iter_nodes_recursive(graph: ir.Graph) -> Iterator[ir.Node]:
                     yield from iter_nodes_recursive(subgraph)
 
 
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+def node_subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node carries as attributes (If branches, Loop/Scan bodies)."""
     graphs: list[ir.Graph] = []
     for attr in node.attributes.values():
         if attr.type == ir.AttributeType.GRAPH:
@@ -125,7 +126,7 @@ def _subgraphs(node: ir.Node) -> list[ir.Graph]:
     return graphs
 
 
-def _captured_values(graph: ir.Graph) -> list[ir.Value]:
+def captured_values(graph: ir.Graph) -> list[ir.Value]:
     """Values used inside ``graph`` (recursively) that it does not define itself."""
     defined: set[ir.Value] = set(graph.inputs) | set(graph.initializers.values())
     captured: dict[ir.Value, None] = {}
@@ -137,7 +138,7 @@ def _captured_values(graph: ir.Graph) -> list[ir.Value]:
             for value in node.inputs:
                 if value is not None and value not in defined:
                     captured.setdefault(value)
-            for subgraph in _subgraphs(node):
+            for subgraph in node_subgraphs(node):
                 visit(subgraph)
             defined.update(node.outputs)
         for value in current.outputs:
@@ -181,8 +182,8 @@ class ReferenceInterpreter:
         last_use: dict[ir.Value, int] = {}
         for index, node in enumerate(nodes):
             used = [v for v in node.inputs if v is not None]
-            for subgraph in _subgraphs(node):
-                used.extend(_captured_values(subgraph))
+            for subgraph in node_subgraphs(node):
+                used.extend(captured_values(subgraph))
             for value in used:
                 last_use[value] = index
         keep = set(graph.outputs)
@@ -221,7 +222,7 @@ class ReferenceInterpreter:
         }
         steps, folded = self._precompute_constant_steps(steps, constants, graph)
         unused_inputs = [v for v in graph.inputs if v not in last_use and v not in keep]
-        return _Program(graph, steps, constants, _captured_values(graph), unused_inputs, folded)
+        return _Program(graph, steps, constants, captured_values(graph), unused_inputs, folded)
 
     def _precompute_constant_steps(
         self, steps: list[_Step], constants: dict[ir.Value, Any], graph: ir.Graph
@@ -238,7 +239,7 @@ class ReferenceInterpreter:
         for step in steps:
             foldable = (
                 step.node.op_type not in RANDOM_OP_TYPES
-                and not _subgraphs(step.node)
+                and not node_subgraphs(step.node)
                 and all(v is None or v in known for v in step.inputs)
             )
             if foldable:
@@ -257,8 +258,8 @@ class ReferenceInterpreter:
         needed = set(graph.outputs) | set(graph.inputs)
         for step in runtime_steps:
             needed.update(v for v in step.inputs if v is not None)
-            for subgraph in _subgraphs(step.node):
-                needed.update(_captured_values(subgraph))
+            for subgraph in node_subgraphs(step.node):
+                needed.update(captured_values(subgraph))
         for value in [v for v in constants if v not in needed]:
             del constants[value]
         return runtime_steps, folded
