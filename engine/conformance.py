@@ -30,11 +30,11 @@ import onnx
 from onnx import numpy_helper
 
 from engine.backends.numpy_ref.interpreter import ReferenceInterpreter
+from engine.examples import LIGHT_MODELS, light_model_inputs, light_model_path
 from engine.onnx_io import ModelLoadError, load, unsupported_ops
 from engine.ops.registry import RANDOM_OP_TYPES, OptionalNone
 
 KINDS = ("node", "simple", "pytorch-converted", "pytorch-operator", "light")
-DATA_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data"
 
 
 @dataclass
@@ -106,22 +106,14 @@ def _disk_data_sets(model: onnx.ModelProto, model_dir: Path) -> list[tuple[list[
 
 
 def _light_cases() -> Iterator[ConformanceCase]:
-    for model_path in sorted((DATA_DIR / "light").glob("light_*.onnx")):
-        model = onnx.load(model_path)
-        initializer_names = {t.name for t in model.graph.initializer}
-        feeds = []
-        for value in model.graph.input:
-            if value.name in initializer_names:
-                continue
-            shape = tuple(d.dim_value or 1 for d in value.type.tensor_type.shape.dim)
-            count = int(np.prod(shape))
-            feeds.append((np.arange(count).reshape(shape) / count).astype(np.float32))
+    for name in LIGHT_MODELS:
+        model = onnx.load(light_model_path(name))
+        feeds = list(light_model_inputs(model).values())
         expected = [
-            _read_value(model_path.with_name(f"{model_path.stem}_output_{i}.pb"), v.type)
+            _read_value(light_model_path(name).with_name(f"light_{name}_output_{i}.pb"), v.type)
             for i, v in enumerate(model.graph.output)
         ]
-        name = "test_" + model_path.stem.removeprefix("light_")
-        yield ConformanceCase(name, "light", model, [(feeds, expected)], 1e-3, 1e-7)
+        yield ConformanceCase(f"test_{name}", "light", model, [(feeds, expected)], 1e-3, 1e-7)
 
 
 def iter_cases(kinds: Sequence[str] = KINDS) -> Iterator[ConformanceCase]:

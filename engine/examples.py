@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -35,6 +36,20 @@ def light_model_path(name: str) -> Path:
 def light_expected_output_path(name: str) -> Path:
     """The reference output (TensorProto .pb) stored next to a light model."""
     return light_model_path(name).with_name(f"light_{name}_output_0.pb")
+
+
+def light_model_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The inputs onnx's backend runner feeds a light model: ``arange(n) / n`` in float32,
+    shaped as declared (unknown dims 1), for every graph input that is not an initializer."""
+    initializer_names = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializer_names:
+            continue
+        shape = tuple(d.dim_value or 1 for d in value.type.tensor_type.shape.dim)
+        count = int(np.prod(shape))
+        feeds[value.name] = (np.arange(count).reshape(shape) / count).astype(np.float32)
+    return feeds
 
 
 def main(argv: list[str] | None = None) -> int:

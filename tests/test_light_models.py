@@ -12,25 +12,22 @@ import pytest
 from onnx import numpy_helper
 
 from engine.backends.numpy_ref import ReferenceInterpreter
-from engine.examples import LIGHT_MODELS, light_expected_output_path, light_model_path
+from engine.examples import (
+    LIGHT_MODELS,
+    light_expected_output_path,
+    light_model_inputs,
+    light_model_path,
+)
 from engine.onnx_io import load
 
 RTOL = 1e-4
-
-
-def _input(proto: onnx.ModelProto) -> tuple[str, np.ndarray]:
-    initializers = {t.name for t in proto.graph.initializer}
-    value = next(v for v in proto.graph.input if v.name not in initializers)
-    shape = tuple(d.dim_value or 1 for d in value.type.tensor_type.shape.dim)
-    count = int(np.prod(shape))
-    return value.name, (np.arange(count).reshape(shape) / count).astype(np.float32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LIGHT_MODELS)
 def test_light_model_matches_expected_output_and_onnxruntime(name: str) -> None:
     proto = onnx.load(light_model_path(name))
-    input_name, x = _input(proto)
+    ((input_name, x),) = light_model_inputs(proto).items()
     logits_name = proto.graph.node[-1].input[0]  # the Softmax's input (a Reshape's in DenseNet)
 
     captured: dict[str, np.ndarray] = {}

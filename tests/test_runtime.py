@@ -14,7 +14,7 @@ from engine.build.log import BuildLog
 from engine.build.memory import plan_memory
 from engine.build.plan import lower
 from engine.config import BuilderConfig, ShapeProfile
-from engine.examples import light_model_path
+from engine.examples import light_model_inputs, light_model_path
 from engine.onnx_io import load
 from engine.passes import optimize
 from engine.report import COLUMN_NAMES, ProfileReport
@@ -56,10 +56,10 @@ def test_light_resnet50_matches_the_reference_including_the_logits() -> None:
     logits = proto.graph.node[-1].input[0]
     proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(logits))
     model = load(proto)
-    x = (np.arange(3 * 224 * 224) / (3 * 224 * 224)).astype(np.float32).reshape(1, 3, 224, 224)
-    want = ReferenceInterpreter(model).run({"gpu_0/data_0": x}).outputs
+    feeds = light_model_inputs(proto)
+    want = ReferenceInterpreter(model).run(feeds).outputs
     engine = _engine(model)
-    _assert_matches(engine.run({"gpu_0/data_0": x}), want)
+    _assert_matches(engine.run(feeds), want)
 
 
 def test_a_corrupted_memory_plan_gives_wrong_outputs() -> None:
