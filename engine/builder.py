@@ -1,8 +1,11 @@
 """``build(model, config) -> Engine``: the builder pipeline, with a log of every decision.
 
-optimize (engine.passes, at config.optimization_level)
+import explicit quantization (a model with Q/DQ nodes: engine.quantize.qdq_import)
+-> optimize (engine.passes, at config.optimization_level)
+-> int8 scales (Q/DQ, calibration, or a calibration cache: engine.build.quantization)
+-> precisions (engine.build.precision) materialized in the model: int8 ops, fp16 weights,
+   explicit conversion layers (engine.build.reformat)
 -> lower to a Plan at the optimization shapes (each input profile's ``opt``)
--> precisions (per-layer overrides; the precision issue fills in FP16/INT8 semantics)
 -> tactic selection (timed candidates, timing cache, pins)
 -> memory plan (one arena, sized for each profile's ``max``)
 -> Engine
@@ -12,18 +15,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import onnx_ir as ir
 
 from engine.build.log import BuildLog
 from engine.build.memory import plan_memory
-from engine.build.plan import Plan, lower
+from engine.build.plan import lower, optimization_specs
+from engine.build.precision import PrecisionDecision, PrecisionError, decide_precisions
+from engine.build.quantization import gather_scales
+from engine.build.reformat import apply_precisions
 from engine.build.selector import select_tactics
 from engine.build.timing import Timer, TimingCache
-from engine.config import BuilderConfig, Precision, PrecisionMode
+from engine.config import BuilderConfig
 from engine.device import device_identity
 from engine.onnx_io import load
+from engine.ops.shape_inference import infer_specs
 from engine.passes import optimize
+from engine.quantize.calibrate import CalibrationResult
+from engine.quantize.qdq_import import has_qdq, import_qdq
+from engine.quantize.scales import QuantScales
 from engine.recipe import SOURCE_SHA256_KEY, file_sha256
 from engine.runtime import Engine
 
@@ -35,23 +46,28 @@ class BuildError(RuntimeError):
     """The build cannot honour the config (e.g. an "obey" precision request)."""
 
 
-def assign_precisions(plan: Plan, config: BuilderConfig, log: BuildLog) -> None:
-    """Give each layer its precision; requests the engine cannot honour yet are logged.
-
-    Until the precision issue lands every layer computes in FP32: an override or an enabled
-    reduced precision is recorded with that reason ("prefer"), or fails the build ("obey").
-    """
-    for layer in plan.layers:
-        requested = config.precision_override(layer.name)
-        if requested is None or requested == Precision.FP32:
-            continue
-        reason = f"{requested.value} requested, kept fp32: reduced precisions are not built yet"
-        if config.precision_mode == PrecisionMode.OBEY:
-            raise BuildError(f"layer {layer.name}: {reason} (precision mode is obey)")
-        log.add("precision", reason, layer.name)
-    reduced = sorted(p.value for p in config.precisions if p != Precision.FP32)
-    if reduced:
-        log.add("precision", f"{', '.join(reduced)} enabled; all layers run in fp32 for now")
+def apply_precision_decisions(
+    model: ir.Model,
+    config: BuilderConfig,
+    scales: QuantScales,
+    log: BuildLog,
+) -> dict[str, PrecisionDecision]:
+    """Decide every layer's precision and rewrite ``model`` (in place) accordingly."""
+    shapes = {p.input_name: p.opt for p in config.profiles}
+    specs = infer_specs(model, optimization_specs(model, shapes)).specs
+    try:
+        decisions = decide_precisions(model, specs, config, scales, log)
+    except PrecisionError as error:
+        raise BuildError(str(error)) from error
+    stats = apply_precisions(model, decisions, specs, scales)
+    if stats.int8_layers or stats.fp16_weights or stats.reformats or stats.explicit_qdq:
+        log.add(
+            "precision",
+            f"{len(stats.int8_layers)} int8 layers, {len(stats.fp16_weights)} weights converted "
+            f"to fp16, {len(stats.reformats)} reformat layers, "
+            f"{len(stats.explicit_qdq)} explicit Q/DQ layers",
+        )
+    return decisions
 
 
 def build(
@@ -59,8 +75,15 @@ def build(
     config: BuilderConfig | None = None,
     timer: Timer | None = None,
     progress: Progress | None = None,
+    calibration_data: Any = None,
+    calibration: CalibrationResult | None = None,
 ) -> Engine:
-    """Build an engine for ``model`` (an onnx-ir model or an ONNX path)."""
+    """Build an engine for ``model`` (an onnx-ir model or an ONNX path).
+
+    ``calibration_data`` (arrays, a dict of arrays, feed dicts, an .npz path or an image
+    folder: engine.quantize.calibration_data) or a ready ``calibration`` result give the int8
+    scales of post-training quantization; see engine.build.quantization.
+    """
     config = config or BuilderConfig()
     if not isinstance(model, ir.Model):
         source = model
@@ -74,6 +97,10 @@ def build(
                 f"profile names input '{profile.input_name}', the model's inputs are "
                 f"{sorted(n for n in names if n)}"
             )
+    hints = None
+    if has_qdq(model):
+        model, hints = import_qdq(model)
+        log.add("import", hints.summary())
     if progress:
         progress("optimize", 0, 1)
     result = optimize(
@@ -85,13 +112,21 @@ def build(
         f"{len(result.steps)} rewrites at {config.optimization_level}: "
         f"{before} nodes -> {len(result.model.graph)} layers",
     )
-    shapes = {p.input_name: p.opt for p in config.profiles}
-    plan = lower(result.model, shapes)
-    assign_precisions(plan, config, log)
     if progress:
         progress("optimize", 1, 1)
+    optimized = result.model
+    scales, calibrated = gather_scales(
+        optimized, config, log, hints, calibration, calibration_data, progress
+    )
+    decisions = apply_precision_decisions(optimized, config, scales, log)
+    shapes = {p.input_name: p.opt for p in config.profiles}
+    plan = lower(optimized, shapes)
     cache = TimingCache(config.timing_cache_path) if config.timing_cache_path else None
     stats = select_tactics(plan, config, log, timer=timer, cache=cache, progress=progress)
     log.add("tactics", f"{stats.timed} candidates timed, {stats.cache_hits} timing-cache hits")
     memory = plan_memory(plan, config, log=log)
-    return Engine(plan, memory, config, log, device_identity(config.backend))
+    engine = Engine(plan, memory, config, log, device_identity(config.backend))
+    engine.calibration = calibrated
+    engine.precision_decisions = decisions
+    engine.quant_scales = scales
+    return engine

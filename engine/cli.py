@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.cli_engine import add_engine_commands  # build, profile, compare
 
     add_engine_commands(commands, common)
+    from engine.cli_quant import add_quant_commands  # export-qdq, sensitivity
+
+    add_quant_commands(commands, common)
     return parser
 
 

@@ -1,13 +1,22 @@
 """``gie build``: optimize, lower, select tactics, plan memory, and save a ``.gie`` engine.
 
-    gie build MODEL [--fp16] [--int8] [--layer-precision NAME=PREC ...] [--timing-cache F]
-              [--shapes IN:MIN,OPT,MAX ...] [-O0..-O3] [--pin LAYER=TACTIC ...] [-o MODEL.gie]
+    gie build MODEL [--fp16] [--tf32] [--int8] [--layer-precision NAME=PREC ...]
+              [--calib DATA] [--calibrator entropy|minmax|percentile|mse] [--percentile P]
+              [--calib-cache F] [--accuracy-budget cosine=0.999] [--strict-precision]
+              [--timing-cache F] [--shapes IN:MIN,OPT,MAX ...] [-O0..-O3] [--pin LAYER=TACTIC ...]
+              [-o MODEL.gie]
 
 A shape is dims joined by ``x``: ``--shapes input_ids:1x32,4x32,8x32`` is the profile min 1x32,
 opt 4x32, max 8x32 (``input_ids:4x32`` fixes the shape). ``--layer-precision`` and ``--pin``
 take a layer name or glob. The summary lists the layers, the tactics chosen, the timing-cache
 hits and the memory plan (arena vs the naive sum); ``--json F`` (``-``: stdout) writes it with
 the whole build log.
+
+INT8: ``--calib`` is an .npz (arrays by input name, first axis = samples), a folder of images,
+or an .npy (single-input models); the scales are written to ``--calib-cache`` when given, and a
+later build with the cache alone needs no data. A model with QuantizeLinear/DequantizeLinear
+nodes is built from its own scales (explicit quantization). ``--accuracy-budget`` runs the
+automatic mixed precision search on the calibration data (engine.quantize.mixed_precision).
 """
 
 from __future__ import annotations
@@ -109,6 +118,10 @@ def config_from_args(args: argparse.Namespace, model: ir.Model) -> BuilderConfig
     )
     if args.timing_iterations < 1 or args.timing_warmup < 0:
         raise CliError("--timing-iterations must be >= 1 and --timing-warmup >= 0")
+    if not 0.0 < args.percentile <= 100.0:
+        raise CliError(f"--percentile must be in (0, 100], got {args.percentile}")
+    if args.accuracy_budget and not args.calib:
+        raise CliError("--accuracy-budget needs --calib DATA (the data the budget is measured on)")
     return BuilderConfig(
         optimization_level=args.level,
         precisions=frozenset(precisions),
@@ -120,6 +133,10 @@ def config_from_args(args: argparse.Namespace, model: ir.Model) -> BuilderConfig
         timing_warmup=args.timing_warmup,
         profiles=parse_shapes(args.shapes, model),
         disabled_passes=tuple(args.disable or ()),
+        calibrator=args.calibrator,
+        percentile=args.percentile,
+        calibration_cache_path=args.calib_cache,
+        fp16_overflow_fallback=not args.no_fp16_fallback,
     )
 
 
@@ -134,6 +151,10 @@ def build_summary(engine: Any) -> dict[str, Any]:
         "layers": len(layers),
         "ops": dict(Counter(layer.qualified_op for layer in layers).most_common()),
         "tactics": dict(Counter(layer.tactic for layer in layers).most_common()),
+        "precisions": dict(
+            Counter(layer.precision.value for layer in layers if layer.role == "compute")
+        ),
+        "conversions": sum(1 for layer in layers if layer.role != "compute"),
         "arena_bytes": int(memory.arena_bytes),
         "naive_bytes": int(memory.naive_bytes),
         "decisions": [f"[{e.stage}] {e.message}" for e in engine.log.entries if not e.layer],
@@ -155,6 +176,9 @@ def timing_counts(entries: Sequence[Any]) -> dict[str, int | None]:
 def cmd_build(args: argparse.Namespace) -> int:
     """``gie build``: optimize, lower, select tactics, plan memory; save the engine."""
     from engine.builder import BuildError, build
+    from engine.quantize.calibration_cache import CalibrationCacheError
+    from engine.quantize.calibration_data import CalibrationDataError
+    from engine.quantize.mixed_precision import BudgetError
     from engine.serialize import save_engine
 
     model = _load(args.model)
@@ -169,10 +193,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = text_stream(args.json)
     bars = progress()
     started = time.perf_counter()
+    mixed = None
     try:
-        engine = build(model, config, progress=bars)
+        if args.accuracy_budget:
+            mixed = _mixed_precision(model, config, args, bars)
+            engine = mixed.engine
+        else:
+            engine = build(model, config, progress=bars, calibration_data=args.calib)
     except BuildError as error:
         raise CliError(f"{args.model}: {error}") from error
+    except (CalibrationDataError, CalibrationCacheError, BudgetError) as error:
+        raise CliError(str(error)) from error
     except OSError as error:  # the timing cache's folder or lock cannot be written
         where = error.filename or args.timing_cache or args.model
         raise CliError(f"{where}: {error.strerror or error}") from error
@@ -192,6 +223,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     arena, naive = summary["arena_bytes"], summary["naive_bytes"]
     print(f"layers: {summary['layers']} ({ops})", file=out)
     print(f"tactics chosen: {tactics}", file=out)
+    precisions = ", ".join(f"{p} {n}" for p, n in summary["precisions"].items())
+    print(f"precisions: {precisions}; {summary['conversions']} conversion layers", file=out)
+    if mixed is not None:
+        print(f"mixed precision: {mixed.summary()}", file=out)
     print(
         f"memory: arena {human_bytes(arena)} vs naive {human_bytes(naive)} "
         f"({100 * arena / max(naive, 1):.0f}%)",
@@ -203,8 +238,24 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"built in {seconds:.2f} s; wrote {output} ({human_bytes(size)})", file=out)
     if args.json:
         document = {"model": args.model, "engine": output, "seconds": seconds, **summary}
+        if mixed is not None:
+            document["mixed_precision"] = mixed.to_json()
         emit_json(args.json, {**document, "config": config.to_json(), "log": engine.log.to_json()})
     return 0
+
+
+def _mixed_precision(
+    model: ir.Model, config: BuilderConfig, args: argparse.Namespace, bars: Any
+) -> Any:
+    """Automatic mixed precision on the calibration data under ``--accuracy-budget``."""
+    from engine.quantize.calibration_data import load_calibration_data
+    from engine.quantize.mixed_precision import AccuracyBudget, auto_mixed_precision
+
+    budget = AccuracyBudget.parse(args.accuracy_budget)
+    batches = list(load_calibration_data(args.calib, model))
+    return auto_mixed_precision(
+        model, batches, budget, config, calibration_data=batches, progress=bars
+    )
 
 
 def add_build_command(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -241,6 +292,31 @@ def add_build_command(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     build.add_argument(
         "--pin", action="append", metavar="LAYER=TACTIC", help="force a layer's tactic (repeatable)"
+    )
+    build.add_argument(
+        "--calib", metavar="DATA", help="int8 calibration data: .npz, .npy or a folder of images"
+    )
+    build.add_argument(
+        "--calibrator",
+        choices=("entropy", "minmax", "percentile", "mse"),
+        default="entropy",
+        help="how activation thresholds are chosen (entropy)",
+    )
+    build.add_argument(
+        "--percentile", type=float, default=99.99, help="the percentile calibrator's p (99.99)"
+    )
+    build.add_argument(
+        "--calib-cache", metavar="FILE", help="calibration cache (JSON): written, or read alone"
+    )
+    build.add_argument(
+        "--accuracy-budget",
+        metavar="METRIC=V",
+        help="automatic mixed precision: cosine=0.999, top1=0.99 or sqnr=30 on the calib data",
+    )
+    build.add_argument(
+        "--no-fp16-fallback",
+        action="store_true",
+        help="keep fp16 on layers whose activations overflow it on the calibration data",
     )
     build.add_argument("--timing-cache", metavar="FILE", help="timing cache (JSON), reused")
     build.add_argument("--timing-iterations", type=int, default=5, help="runs per tactic (5)")

@@ -90,6 +90,13 @@ class BuilderConfig:
     ``tactic_sources`` limits tactic families (None: all); ``tactic_pins`` are (layer
     name-or-glob, tactic name) and override timing; ``timing_iterations``/``timing_warmup`` are
     per candidate; ``timing_cache_path`` is a JSON file reused across builds.
+
+    INT8 post-training quantization: ``calibrator`` (entropy, minmax, percentile or mse) picks
+    each activation's threshold from its histogram, ``percentile`` is the percentile
+    calibrator's (99.99 by default), ``calibration_cache_path`` a JSON calibration cache written
+    after calibrating and reused when no data is given. ``fp16_overflow_fallback`` keeps in fp32
+    the layers whose activations exceeded the float16 range on the calibration data.
+    Precision semantics are in :mod:`engine.build.precision`.
     """
 
     optimization_level: str = "O2"
@@ -105,6 +112,10 @@ class BuilderConfig:
     profiles: tuple[ShapeProfile, ...] = ()
     backend: str = "numpy"
     disabled_passes: tuple[str, ...] = ()
+    calibrator: str = "entropy"
+    percentile: float = 99.99
+    calibration_cache_path: str | None = None
+    fp16_overflow_fallback: bool = True
     extras: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def with_changes(self, **changes: Any) -> BuilderConfig:
@@ -145,6 +156,10 @@ class BuilderConfig:
             "profiles": [p.to_json() for p in self.profiles],
             "backend": self.backend,
             "disabled_passes": list(self.disabled_passes),
+            "calibrator": self.calibrator,
+            "percentile": self.percentile,
+            "calibration_cache_path": self.calibration_cache_path,
+            "fp16_overflow_fallback": self.fp16_overflow_fallback,
         }
 
     @staticmethod
@@ -166,4 +181,8 @@ class BuilderConfig:
             profiles=tuple(ShapeProfile.from_json(p) for p in data.get("profiles", [])),
             backend=str(data.get("backend", "numpy")),
             disabled_passes=tuple(data.get("disabled_passes", [])),
+            calibrator=str(data.get("calibrator", "entropy")),
+            percentile=float(data.get("percentile", 99.99)),
+            calibration_cache_path=data.get("calibration_cache_path"),
+            fp16_overflow_fallback=bool(data.get("fp16_overflow_fallback", True)),
         )

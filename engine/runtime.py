@@ -143,6 +143,12 @@ class Engine:
         self._arenas: dict[tuple, _Arena] = {}
         self._values: dict[str, ir.Value] | None = None
         self._interpreter: Any = None
+        #: Set by the builder: the CalibrationResult (histograms, thresholds) the int8 scales
+        #: came from, every layer's PrecisionDecision, and the QuantScales used. A loaded
+        #: engine has none of them (its scales live in the graph).
+        self.calibration: Any = None
+        self.precision_decisions: dict[str, Any] = {}
+        self.quant_scales: Any = None
 
     # ------------------------------------------------------------------ description
 
@@ -255,6 +261,15 @@ class Engine:
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Outputs by name for ``feeds`` (input name -> array); see the module docstring."""
         return self._execute(self.check_feeds(feeds), None)
+
+    def run_observed(
+        self,
+        feeds: Mapping[str, Any],
+        on_layer: Callable[[Layer, list[Any], list[Any]], None],
+    ) -> dict[str, np.ndarray]:
+        """:meth:`run`, calling ``on_layer(layer, inputs, outputs)`` after every layer. The
+        arrays are views of the arena, valid only during the call (copy what you keep)."""
+        return self._execute(self.check_feeds(feeds), None, on_layer)
 
     def _arena_for(self, feeds: Mapping[str, np.ndarray]) -> _Arena:
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}

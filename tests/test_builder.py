@@ -88,9 +88,10 @@ def test_profile_for_an_unknown_input_is_refused() -> None:
 
 def test_precision_requests_are_logged_or_fail_in_obey_mode() -> None:
     model = load(_dynamic_batch_model())
-    prefer = BuilderConfig(layer_precisions=(("*", Precision.FP16),))
-    engine = build(model, prefer)
-    assert any("fp16 requested" in line for line in engine.log.lines())
+    prefer = BuilderConfig(layer_precisions=(("*", Precision.INT8),))
+    engine = build(model, prefer)  # int8 without calibration: no scales
+    assert any("int8 requested but no int8 scale" in line for line in engine.log.lines())
+    assert all(layer.precision != Precision.INT8 for layer in engine.plan.layers)
     obey = prefer.with_changes(precision_mode=PrecisionMode.OBEY)
     with pytest.raises(BuildError, match="precision mode is obey"):
         build(model, obey)

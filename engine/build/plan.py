@@ -2,9 +2,12 @@
 
 Each :class:`Layer` is one node of the optimized graph: what it computes (op, attributes, input
 and output value names), where it came from (origin ONNX node names, from provenance), how it
-runs (precision, chosen tactic, and every candidate's timing). Values are referred to by name;
-``specs`` holds each value's shape/dtype at the optimization shapes (the ``opt`` of each input
-profile, or the declared shapes with symbolic dims as 1), ``constants`` the weights.
+runs (precision with the reason when it is not what was asked, chosen tactic, and every
+candidate's timing), and its role: ``compute``, or ``reformat`` / ``explicit_qdq`` for the
+conversion layers the precision decisions inserted (engine.build.reformat). Values are
+referred to by name; ``specs`` holds each value's shape/dtype at the optimization shapes (the
+``opt`` of each input profile, or the declared shapes with symbolic dims as 1), ``constants``
+the weights.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class Layer:
     precision: Precision = Precision.FP32
     tactic: str = "reference"
     candidates: list[TacticTiming] = field(default_factory=list)
+    role: str = "compute"
+    precision_reason: str = ""
 
     @property
     def qualified_op(self) -> str:
@@ -85,6 +90,8 @@ class Layer:
             "outputs": list(self.outputs),
             "origins": list(self.origins),
             "precision": self.precision.value,
+            "role": self.role,
+            "precision_reason": self.precision_reason,
             "tactic": self.tactic,
             "candidates": [c.to_json() for c in self.candidates],
         }
@@ -166,6 +173,9 @@ def lower(
                 node=node,
                 attrs=Attrs.from_node(node),
                 context=context,
+                precision=Precision(node.metadata_props.get("gie.precision", "fp32")),
+                role=node.metadata_props.get("gie.role", "compute"),
+                precision_reason=node.metadata_props.get("gie.reason", ""),
             )
         )
     constants = {

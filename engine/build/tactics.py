@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from engine.build.emulation import emulate_precision
 from engine.build.plan import Layer, Plan
 from engine.build.tactic_kernels import (
     ConvCore,
@@ -166,13 +167,14 @@ def candidate_tactics(layer: Layer, plan: Plan, config: BuilderConfig) -> list[s
 
 
 def make_kernel(layer: Layer, name: str) -> Kernel:
-    """The kernel of tactic ``name`` for ``layer`` (a fresh one: prepared weights not shared)."""
+    """The kernel of tactic ``name`` for ``layer`` (a fresh one: prepared weights not shared),
+    computing in the layer's precision (engine.build.emulation)."""
     if name == "reference":
         spec = default_registry().lookup(layer.op_type, layer.domain)
         if spec is None:
             raise ValueError(f"layer {layer.name}: no reference kernel for {layer.qualified_op}")
-        return spec.kernel
-    return _find(layer, name).build(layer)
+        return emulate_precision(spec.kernel, layer)
+    return emulate_precision(_find(layer, name).build(layer), layer)
 
 
 def tactic_kernel(layer: Layer) -> Kernel:

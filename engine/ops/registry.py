@@ -63,6 +63,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "engine.ops.gie_fused",
     "engine.ops.gie_pointwise",
     "engine.ops.gie_transformer",
+    "engine.ops.gie_quant",
     "engine.ops.text_features",
     "engine.ops.classic_ml",
     "engine.ops.training",

@@ -1,0 +1,494 @@
+"""Materialize precision decisions in the model: int8 layers, fp16 weights, explicit conversions.
+
+After :func:`engine.build.precision.decide_precisions`, :func:`apply_precisions` rewrites the
+(optimized) model in place so the plan shows every conversion as a layer of its own:
+
+* int8 layers become ``gie::QConv`` / ``gie::QGemm`` / ``gie::QMatMul`` (engine.ops.gie_quant)
+  with int8 per-channel weights, an int32 bias and float32 scales as initializers. An int8
+  layer writes int8 when its output has a scale and (explicit quantization) the model
+  quantized that tensor or (calibration) every consumer reads it as an int8 input; otherwise it
+  writes float directly (float16 when every consumer is fp16, else float32).
+* fp16 layers keep their op; their float32 weights get float16 copies (``<name>::fp16``) and
+  their float outputs are float16.
+* Every value is stored in its producer's format (fp32, fp16 or int8 at a scale). A consumer
+  that needs another format reads a converted copy named ``<value>::<format>``, made once by
+  *reformat* layers placed right after the producer: ``Cast`` between float32 and float16,
+  ``QuantizeLinear`` into int8, ``DequantizeLinear`` out of it (int8 -> fp16 goes through fp32).
+  Graph outputs keep their name and declared dtype (the producer's copy is renamed).
+* Explicit quantization (QAT): a tensor the model quantized is stored int8 even when its
+  producer is a float layer; the ``QuantizeLinear`` after that producer is an *explicit Q/DQ*
+  layer (role ``explicit_qdq``, with the reason) and float consumers read its dequantized
+  copy, so the engine computes what the Q/DQ model computes.
+
+Every node gets ``gie.precision`` metadata; conversion layers get ``gie.role`` and ``gie.reason``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from engine.build.precision import FLOAT32_ONLY_INPUTS, PrecisionDecision, qualified
+from engine.config import Precision
+from engine.ops.registry import GIE_DOMAIN, Attrs, TensorSpec
+from engine.passes.provenance import PROVENANCE_KEY, RULE_KEY, provenance, set_provenance
+from engine.quantize.qparams import quantize, quantize_bias, weight_scales
+from engine.quantize.scales import QuantScales
+
+PRECISION_KEY = "gie.precision"
+ROLE_KEY = "gie.role"
+REASON_KEY = "gie.reason"
+FP32, FP16, INT8 = "fp32", "fp16", "int8"
+_DTYPES = {FP32: ir.DataType.FLOAT, FP16: ir.DataType.FLOAT16, INT8: ir.DataType.INT8}
+_CONV_ATTRS = ("group", "strides", "pads", "dilations", "kernel_shape", "auto_pad")
+_EPILOGUE_ATTRS = ("activation", "activation_alpha", "min", "max", "residual_before_activation")
+
+
+@dataclass
+class ReformatStats:
+    """What the rewrite made: int8 layers, fp16 weight copies, conversion and explicit Q/DQ
+    layers (by name)."""
+
+    int8_layers: list[str] = field(default_factory=list)
+    fp16_weights: list[str] = field(default_factory=list)
+    reformats: list[str] = field(default_factory=list)
+    explicit_qdq: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Format:
+    kind: str  # fp32 | fp16 | int8
+    scale: float | None = None
+
+
+def _float_kind(dtype: ir.DataType | None) -> str | None:
+    return {ir.DataType.FLOAT: FP32, ir.DataType.FLOAT16: FP16}.get(dtype)  # type: ignore[arg-type]
+
+
+class _Rewriter:
+    def __init__(
+        self,
+        model: ir.Model,
+        decisions: Mapping[str, PrecisionDecision],
+        specs: Mapping[ir.Value, TensorSpec],
+        scales: QuantScales,
+    ) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.decisions = decisions
+        self.specs = specs
+        self.scales = scales
+        self.stats = ReformatStats()
+        self.names = {v.name for v in self.graph.initializers.values()}
+        for node in self.graph:
+            self.names.update(v.name for v in node.outputs)
+        self.names.update(v.name for v in self.graph.inputs)
+        self.format: dict[ir.Value, _Format] = {}
+        self.converted: dict[tuple[ir.Value, _Format], ir.Value] = {}
+        self.scale_constants: dict[float, ir.Value] = {}
+        self.zero_point: ir.Value | None = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def unique(self, base: str) -> str:
+        name, suffix = base, 1
+        while name in self.names:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        self.names.add(name)
+        return name
+
+    def constant(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self.unique(base)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.dtype = ir.tensor(array).dtype
+        self.graph.register_initializer(value)
+        return value
+
+    def scale_value(self, scale: float) -> ir.Value:
+        scale = float(np.float32(scale))
+        if scale not in self.scale_constants:
+            self.scale_constants[scale] = self.constant(
+                f"scale_{len(self.scale_constants)}", np.array(scale, dtype=np.float32)
+            )
+        return self.scale_constants[scale]
+
+    def zero(self) -> ir.Value:
+        if self.zero_point is None:
+            self.zero_point = self.constant("zero_point_int8", np.array(0, dtype=np.int8))
+        return self.zero_point
+
+    def dtype(self, value: ir.Value) -> ir.DataType | None:
+        spec = self.specs.get(value)
+        return spec.dtype if spec is not None and spec.dtype is not None else value.dtype
+
+    def precision_of(self, node: ir.Node) -> Precision:
+        decision = self.decisions.get(node.name or "")
+        return decision.chosen if decision is not None else Precision.FP32
+
+    def const_array(self, value: ir.Value | None) -> np.ndarray | None:
+        if value is None or value.const_value is None or not value.is_initializer():
+            return None
+        return value.const_value.numpy()
+
+    # ------------------------------------------------------------------ requirements
+
+    def required(self, node: ir.Node, index: int, value: ir.Value) -> str | None:
+        """The format ``node`` needs for float input ``index``: fp32/fp16/int8, "float" (any
+        float), "any" (Shape/Size read no data) or None (not a float input)."""
+        if node.meta.get("gie.required") is not None:
+            return node.meta["gie.required"].get(index)
+        if _float_kind(self.dtype(value)) is None:
+            return None
+        if node.domain == "" and node.op_type in ("Shape", "Size"):
+            return "any"
+        precision = self.precision_of(node)
+        if precision == Precision.FP16 and index not in FLOAT32_ONLY_INPUTS.get(node.op_type, ()):
+            return FP16
+        return FP32
+
+    # ------------------------------------------------------------------ int8 layers
+
+    def float_output_kind(self, value: ir.Value) -> str:
+        consumers = [use.node for use in value.uses()]
+        fp16 = all(self.precision_of(n) == Precision.FP16 for n in consumers)
+        return FP16 if consumers and fp16 and not value.is_graph_output() else FP32
+
+    def wants_int8_output(self, value: ir.Value) -> float | None:
+        """The int8 scale the int8 layer writing ``value`` quantizes to, or None (float)."""
+        scale = self.scales.scale(value.name or "")
+        if scale is None:
+            return None
+        if self.scales.explicit:
+            return scale
+        uses = list(value.uses())
+        if not uses or value.is_graph_output():
+            return None
+        for use in uses:
+            decision = self.decisions.get(use.node.name or "")
+            if decision is None or decision.chosen != Precision.INT8:
+                return None
+            if use.idx not in dict(decision.input_scales):
+                return None
+        return scale
+
+    def to_int8_layer(self, node: ir.Node, decision: PrecisionDecision) -> None:
+        op = qualified(node)
+        attrs = Attrs.from_node(node)
+        inputs = list(node.inputs) + [None] * 4
+        scales = dict(decision.input_scales)
+        out = node.outputs[0]
+        y_scale = self.wants_int8_output(out)
+        out_kind = INT8 if y_scale is not None else self.float_output_kind(out)
+        attributes: dict[str, object] = {"output_dtype": int(_DTYPES[out_kind])}
+        new_inputs: list[ir.Value | None]
+        if decision.int8_kind == "QMatMul":
+            new_inputs = [
+                inputs[0],
+                self.scale_value(scales[0]),
+                inputs[1],
+                self.scale_value(scales[1]),
+            ]
+            required = {0: (INT8, scales[0]), 2: (INT8, scales[1])}
+        else:
+            weight = self.const_array(inputs[1])
+            assert weight is not None
+            if decision.int8_kind == "QConv":
+                axis, bias, residual = 0, inputs[2], inputs[3] if op == "gie::ConvAct" else None
+                keep = _CONV_ATTRS + _EPILOGUE_ATTRS
+            else:
+                kind = "Gemm" if op == "Gemm" else "MatMul" if op == "MatMul" else None
+                kind = kind or attrs.str("kind", "Gemm") or "Gemm"
+                trans_b = attrs.int("transB", 0) if kind == "Gemm" else 0
+                axis = 0 if trans_b else 1
+                bias = inputs[2] if op != "MatMul" else None
+                residual = inputs[3] if op == "gie::GemmAct" else None
+                keep = ("transB", *_EPILOGUE_ATTRS)
+                attributes["kind"] = kind
+            attributes.update(
+                {k: v.value for k, v in node.attributes.items() if k in keep and k != "kind"}
+            )
+            w_scales = self._weight_scales(inputs[1], weight, axis)
+            w_q = quantize(weight, w_scales, axis=axis)
+            bias_array = self.const_array(bias)
+            b_q = None
+            if bias_array is not None:
+                n = weight.shape[axis]
+                full = np.broadcast_to(bias_array.astype(np.float32).reshape(-1), (n,))
+                b_q = self.constant(
+                    f"{node.name}/bias_int32", quantize_bias(full, scales[0], w_scales)
+                )
+            base = node.name or "layer"
+            new_inputs = [
+                inputs[0],
+                self.scale_value(scales[0]),
+                self.constant(f"{base}/weight_int8", w_q),
+                self.constant(f"{base}/weight_scale", w_scales.astype(np.float32)),
+                b_q,
+                residual,
+            ]
+            required = {0: (INT8, scales[0]), 5: ("float", None)}
+        if y_scale is not None:
+            new_inputs += [None] * (6 - len(new_inputs)) + [self.scale_value(y_scale)]
+        while new_inputs and new_inputs[-1] is None:
+            new_inputs.pop()
+        new = ir.node(
+            decision.int8_kind,
+            new_inputs,
+            attributes=attributes,  # type: ignore[arg-type]
+            domain=GIE_DOMAIN,
+            name=node.name,
+            num_outputs=1,
+        )
+        for key in (PROVENANCE_KEY, RULE_KEY):
+            if key in node.metadata_props:
+                new.metadata_props[key] = node.metadata_props[key]
+        if PROVENANCE_KEY not in new.metadata_props:
+            set_provenance(new, provenance(node))
+        new.meta["gie.required"] = {
+            i: (_Format(kind, scale) if kind != "float" else "float")
+            for i, (kind, scale) in required.items()
+        }
+        new_out = new.outputs[0]
+        new_out.shape = out.shape
+        new_out.dtype = _DTYPES[out_kind]
+        self.graph.insert_after(node, new)
+        name = out.name
+        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+        self.graph.remove(node, safe=True)
+        new_out.name = name
+        self.format[new_out] = _Format(out_kind, y_scale)
+        self.stats.int8_layers.append(node.name or "")
+        if GIE_DOMAIN not in self.model.opset_imports:
+            self.model.opset_imports[GIE_DOMAIN] = 1
+
+    def _weight_scales(self, value: ir.Value | None, weight: np.ndarray, axis: int) -> np.ndarray:
+        given = self.scales.weights.get(value.name or "") if value is not None else None
+        if given is not None:
+            scales, given_axis = given
+            if given_axis == axis and np.asarray(scales).size == weight.shape[axis]:
+                return np.asarray(scales, dtype=np.float32).reshape(-1)
+        return weight_scales(weight, axis=axis)
+
+    # ------------------------------------------------------------------ fp16 layers
+
+    def to_fp16_layer(self, node: ir.Node, copies: dict[str, ir.Value]) -> None:
+        skip = FLOAT32_ONLY_INPUTS.get(node.op_type, frozenset())
+        for index, value in enumerate(node.inputs):
+            array = self.const_array(value)
+            if array is None or array.dtype != np.float32 or index in skip:
+                continue
+            assert value is not None
+            name = value.name or ""
+            if name not in copies:
+                copies[name] = self.constant(f"{name}::fp16", array.astype(np.float16))
+                self.stats.fp16_weights.append(name)
+            node.replace_input_with(index, copies[name])
+        for value in node.outputs:
+            if _float_kind(self.dtype(value)) == FP32:
+                value.dtype = ir.DataType.FLOAT16
+
+    # ------------------------------------------------------------------ conversions
+
+    def producer_format(self, value: ir.Value) -> _Format | None:
+        if value in self.format:
+            return self.format[value]
+        kind = _float_kind(value.dtype if value.producer() else self.dtype(value))
+        if kind is None:
+            return None
+        return _Format(kind)
+
+    def convert(self, value: ir.Value, target: _Format, role: str = "reformat") -> ir.Value:
+        """``value`` in ``target`` format, through cached reformat layers."""
+        source = self.producer_format(value)
+        assert source is not None
+        if source == target:
+            return value
+        key = (value, target)
+        if key in self.converted:
+            return self.converted[key]
+        if (source.kind != FP32 and target.kind != FP32 and source.kind != target.kind) or (
+            source.kind == INT8 and target.kind == INT8
+        ):
+            value_fp32 = self.convert(value, _Format(FP32))
+            result = self.convert_step(value_fp32, value, target, role)
+        else:
+            result = self.convert_step(value, value, target, role)
+        self.converted[key] = result
+        return result
+
+    def convert_step(
+        self, source: ir.Value, origin: ir.Value, target: _Format, role: str
+    ) -> ir.Value:
+        """One reformat layer from ``source`` (named after ``origin``) into ``target``."""
+        source_format = self.producer_format(source)
+        assert source_format is not None
+        base = origin.name or "value"
+        if target.kind == INT8:
+            assert target.scale is not None
+            op, inputs, attrs = (
+                "QuantizeLinear",
+                [source, self.scale_value(target.scale), self.zero()],
+                {},
+            )
+        elif source_format.kind == INT8:
+            assert source_format.scale is not None
+            op, inputs, attrs = (
+                "DequantizeLinear",
+                [source, self.scale_value(source_format.scale), self.zero()],
+                {},
+            )
+        else:
+            op, inputs, attrs = "Cast", [source], {"to": int(_DTYPES[target.kind])}
+        suffix = target.kind if target.kind != INT8 or role != "reformat" else "int8"
+        out_name = self.unique(f"{base}::{suffix}")
+        node = ir.node(
+            op,
+            inputs,
+            attributes=attrs,  # type: ignore[arg-type]
+            name=self.unique(f"reformat:{base}:{source_format.kind}->{target.kind}"),
+            num_outputs=1,
+        )
+        out = node.outputs[0]
+        out.name = out_name
+        out.shape = origin.shape
+        out.dtype = _DTYPES[target.kind]
+        set_provenance(node, [])
+        node.metadata_props[ROLE_KEY] = role
+        node.metadata_props[PRECISION_KEY] = target.kind
+        node.metadata_props[REASON_KEY] = (
+            f"{source_format.kind} -> {target.kind} for the consumers of '{base}'"
+        )
+        producer = source.producer()
+        if producer is not None:
+            self.graph.insert_after(producer, node)
+        else:
+            first = next(iter(self.graph), None)
+            if first is None:
+                self.graph.append(node)
+            else:
+                self.graph.insert_before(first, node)
+        self.format[out] = target
+        (self.stats.explicit_qdq if role == "explicit_qdq" else self.stats.reformats).append(
+            node.name or ""
+        )
+        return out
+
+    def fix_graph_outputs(self) -> None:
+        for position, value in enumerate(list(self.graph.outputs)):
+            source = self.producer_format(value)
+            declared = _float_kind(self.dtype(value))
+            if source is None or declared is None or source.kind == declared:
+                continue
+            name = value.name or ""
+            value.name = self.unique(f"{name}::{source.kind}")
+            self.names.discard(name)
+            converted = self.convert(value, _Format(declared))
+            self.graph.outputs[position] = converted
+            converted.name = name
+
+    def explicit_quantize(self) -> None:
+        """Explicit mode: store every quantized tensor int8, whatever its producer."""
+        for value in self._float_values():
+            scale = self.scales.scale(value.name or "")
+            current = self.producer_format(value)
+            if scale is None or current is None or current.kind == INT8:
+                continue
+            if value.is_graph_output():
+                continue
+            quantized = self.convert(value, _Format(INT8, scale), role="explicit_qdq")
+            producer = quantized.producer()
+            assert producer is not None
+            what = value.producer().op_type if value.producer() else "the graph input"
+            producer.metadata_props[REASON_KEY] = (
+                f"the model quantizes '{value.name}' but {what} has no int8 kernel: "
+                "explicit quantize kept"
+            )
+            for use in list(value.uses()):
+                if use.node is producer:
+                    continue
+                need = self.required(use.node, use.idx, value)
+                if need in (FP32, FP16, "float"):
+                    dequantized = self.convert(quantized, _Format(FP32), role="explicit_qdq")
+                    use.node.replace_input_with(use.idx, dequantized)
+
+    def _float_values(self) -> list[ir.Value]:
+        values = [v for v in self.graph.inputs]
+        for node in self.graph:
+            values.extend(node.outputs)
+        return [v for v in values if self.producer_format(v) is not None]
+
+    def connect(self) -> None:
+        """Give every consumer its input in the format it needs."""
+        for node in list(self.graph):
+            if node.metadata_props.get(ROLE_KEY):
+                continue
+            for index, value in enumerate(list(node.inputs)):
+                if value is None or self.producer_format(value) is None:
+                    continue
+                if value.is_initializer() and value.producer() is None:
+                    continue  # constants were converted where they are used
+                need = self.required(node, index, value)
+                current = self.producer_format(value)
+                assert current is not None
+                if need in (None, "any") or (need == "float" and current.kind != INT8):
+                    continue
+                if isinstance(need, _Format):
+                    target = need
+                else:
+                    target = _Format(FP32 if need == "float" else need)
+                if target != current:
+                    node.replace_input_with(index, self.convert(value, target))
+
+    # ------------------------------------------------------------------ driver
+
+    def run(self) -> ReformatStats:
+        copies: dict[str, ir.Value] = {}
+        for node in list(self.graph):
+            decision = self.decisions.get(node.name or "")
+            precision = decision.chosen if decision is not None else Precision.FP32
+            node.metadata_props[PRECISION_KEY] = precision.value
+            if decision is not None and decision.reason:
+                node.metadata_props[REASON_KEY] = decision.reason
+            if precision == Precision.INT8 and decision is not None:
+                self.to_int8_layer(node, decision)
+            elif precision == Precision.FP16:
+                self.to_fp16_layer(node, copies)
+        for node in self.graph:
+            if node.domain == GIE_DOMAIN and node.op_type in ("QConv", "QGemm", "QMatMul"):
+                node.metadata_props[PRECISION_KEY] = Precision.INT8.value
+                decision = self.decisions.get(node.name or "")
+                if decision is not None and decision.reason:
+                    node.metadata_props[REASON_KEY] = decision.reason
+        if self.scales.explicit:
+            self.explicit_quantize()
+        self.fix_graph_outputs()
+        self.connect()
+        for node in self.graph:
+            node.meta.pop("gie.required", None)
+        self.drop_unused_initializers()
+        return self.stats
+
+    def drop_unused_initializers(self) -> None:
+        """Weights an int8 layer or an fp16 copy replaced leave the model."""
+        outputs = set(map(id, self.graph.outputs))
+        for name, value in list(self.graph.initializers.items()):
+            if not list(value.uses()) and id(value) not in outputs and not value.is_graph_input():
+                del self.graph.initializers[name]
+
+
+def apply_precisions(
+    model: ir.Model,
+    decisions: Mapping[str, PrecisionDecision],
+    specs: Mapping[ir.Value, TensorSpec],
+    scales: QuantScales,
+) -> ReformatStats:
+    """Rewrite ``model`` in place for ``decisions`` (see the module docstring)."""
+    return _Rewriter(model, decisions, specs, scales).run()
+
+
+__all__ = ["PRECISION_KEY", "REASON_KEY", "ROLE_KEY", "ReformatStats", "apply_precisions"]

@@ -1,0 +1,1 @@
+"""INT8 quantization: calibration, qparams, QDQ import/export, accuracy tools."""
