@@ -142,8 +142,8 @@ class _Rewriter:
         float), "any" (Shape/Size read no data) or None (not a float input)."""
         if node.meta.get("gie.required") is not None:
             return node.meta["gie.required"].get(index)
-        if _float_kind(self.dtype(value)) is None:
-            return None
+        if self.producer_format(value) is None:
+            return None  # not a float (or quantized float) value
         if node.domain == "" and node.op_type in ("Shape", "Size"):
             return "any"
         precision = self.precision_of(node)
