@@ -28,7 +28,18 @@ demo: setup
 	$(VENV)/bin/gie build "$$model" -o $(OUT)/model.gie --timing-cache $(OUT)/timing_cache.json && \
 	echo "== gie profile $(OUT)/model.gie" && $(VENV)/bin/gie profile $(OUT)/model.gie && \
 	echo "== gie compare $$model $(OUT)/model.gie" && $(VENV)/bin/gie compare "$$model" $(OUT)/model.gie && \
-	echo "wrote $(OUT)/: optimized.onnx, steps.json, model.gie, timing_cache.json"
+	if [ -z "$(MODEL)" ]; then \
+	  $(PY) -m engine.examples resnet50 --calib-npz $(OUT)/calib.npz >/dev/null && \
+	  echo "== gie build $$model --int8 --fp16 --calib $(OUT)/calib.npz" && \
+	  $(VENV)/bin/gie build "$$model" --int8 --fp16 --calib $(OUT)/calib.npz \
+	    --calib-cache $(OUT)/calibration.json -o $(OUT)/model_int8.gie \
+	    --timing-cache $(OUT)/timing_cache.json && \
+	  echo "== gie compare $$model $(OUT)/model_int8.gie" && \
+	  $(VENV)/bin/gie compare "$$model" $(OUT)/model_int8.gie --min-cosine 0.99 && \
+	  echo "== gie export-qdq $(OUT)/model_int8.gie" && \
+	  $(VENV)/bin/gie export-qdq $(OUT)/model_int8.gie -o $(OUT)/model_int8_qdq.onnx; \
+	fi && \
+	echo "wrote $(OUT)/: optimized.onnx, steps.json, model.gie, timing_cache.json (+ int8 engine, calibration cache, QDQ model)"
 
 test: setup
 	$(VENV)/bin/ruff check .

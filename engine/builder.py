@@ -14,7 +14,7 @@ import explicit quantization (a model with Q/DQ nodes: engine.quantize.qdq_impor
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -77,12 +77,14 @@ def build(
     progress: Progress | None = None,
     calibration_data: Any = None,
     calibration: CalibrationResult | None = None,
+    scales: Mapping[str, float] | None = None,
 ) -> Engine:
     """Build an engine for ``model`` (an onnx-ir model or an ONNX path).
 
     ``calibration_data`` (arrays, a dict of arrays, feed dicts, an .npz path or an image
     folder: engine.quantize.calibration_data) or a ready ``calibration`` result give the int8
-    scales of post-training quantization; see engine.build.quantization.
+    scales of post-training quantization; see engine.build.quantization. ``scales`` (tensor
+    name -> int8 scale, e.g. from engine.recipe.scales_from_recipe) replace calibration.
     """
     config = config or BuilderConfig()
     if not isinstance(model, ir.Model):
@@ -115,10 +117,15 @@ def build(
     if progress:
         progress("optimize", 1, 1)
     optimized = result.model
-    scales, calibrated = gather_scales(
-        optimized, config, log, hints, calibration, calibration_data, progress
-    )
-    decisions = apply_precision_decisions(optimized, config, scales, log)
+    if scales is not None:
+        quant = QuantScales(activation=dict(scales), source="given scales")
+        calibrated = None
+        log.add("calibrate", f"{len(scales)} int8 scales given; no calibration")
+    else:
+        quant, calibrated = gather_scales(
+            optimized, config, log, hints, calibration, calibration_data, progress
+        )
+    decisions = apply_precision_decisions(optimized, config, quant, log)
     shapes = {p.input_name: p.opt for p in config.profiles}
     plan = lower(optimized, shapes)
     cache = TimingCache(config.timing_cache_path) if config.timing_cache_path else None
@@ -128,5 +135,5 @@ def build(
     engine = Engine(plan, memory, config, log, device_identity(config.backend))
     engine.calibration = calibrated
     engine.precision_decisions = decisions
-    engine.quant_scales = scales
+    engine.quant_scales = quant
     return engine

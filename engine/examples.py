@@ -1,7 +1,8 @@
 """Bundled example models: the classic networks that ship inside the onnx wheel.
 
 ``python -m engine.examples NAME`` prints the path of one (``resnet50`` by default), which is
-how ``make demo`` finds its model without downloading anything.
+how ``make demo`` finds its model without downloading anything; ``python -m engine.examples
+NAME --calib-npz FILE`` also writes seeded int8 calibration data for it (the demo's int8 build).
 """
 
 from __future__ import annotations
@@ -52,14 +53,39 @@ def light_model_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return feeds
 
 
+def write_calibration_npz(name: str, path: str | Path, samples: int = 4, seed: int = 0) -> Path:
+    """Seeded standard-normal calibration samples for a light model: one array per input,
+    ``samples`` along the first axis (the shape declared for one sample after it)."""
+    model = onnx.load(light_model_path(name), load_external_data=False)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        input_name: rng.standard_normal((samples, *array.shape[1:])).astype(np.float32)
+        for input_name, array in light_model_inputs(model).items()
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(target, **arrays)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    calib = None
+    if "--calib-npz" in args:
+        at = args.index("--calib-npz")
+        if at + 1 >= len(args):
+            sys.stderr.write("--calib-npz needs a file name\n")
+            return 2
+        calib = args[at + 1]
+        args = args[:at] + args[at + 2 :]
     name = args[0] if args else "resnet50"
     try:
         path = light_model_path(name)
     except KeyError as error:
         sys.stderr.write(f"{error.args[0]}\n")
         return 2
+    if calib is not None:
+        write_calibration_npz(name, calib)
     sys.stdout.write(f"{path}\n")
     return 0
 

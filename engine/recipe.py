@@ -4,11 +4,13 @@ Recipes
 -------
 A recipe is a small JSON document (TensorRT users keep the equivalent as a builder script plus
 a timing cache; Polygraphy calls it a "config"): the :class:`BuilderConfig` the engine was built
-with, every layer's precision and chosen tactic, quantization scales and sparsity decisions
-(empty until the precision and sparsity issues fill them), and the SHA-256 of the source model
-when the builder recorded it. :func:`config_from_recipe` turns it back into a
-``BuilderConfig`` whose per-layer overrides and tactic pins reproduce the same choices on
-another machine, so the rebuild does no timing for the pinned layers.
+with, every compute layer's precision and chosen tactic, the int8 scale of every quantized
+tensor (read from the engine's own graph, so it works for a loaded engine too), sparsity
+decisions (empty until the sparsity issue fills them), and the SHA-256 of the source model when
+the builder recorded it. :func:`config_from_recipe` turns it back into a ``BuilderConfig`` whose
+per-layer overrides and tactic pins reproduce the same choices on another machine, so the
+rebuild does no timing for the pinned layers; :func:`scales_from_recipe` gives the int8 scales
+to pass to ``build(..., scales=...)`` so it needs no calibration data.
 
 The timing-cache path is a local file, so a recipe drops it (``config.timing_cache_path`` is
 ``null``); pass one to :func:`config_from_recipe` to use a cache on the rebuilding machine.
@@ -89,11 +91,50 @@ def export_recipe(engine: Any) -> dict[str, Any]:
         "source_model_sha256": source_sha256(engine),
         "built_on": dict(engine.device),
         "config": config.to_json(),
-        "layer_precisions": {layer.name: layer.precision.value for layer in layers},
-        "tactic_pins": {layer.name: layer.tactic for layer in layers},
-        "quantization": {"scales": {}},
+        "layer_precisions": {
+            layer.name: layer.precision.value for layer in layers if layer.role == "compute"
+        },
+        "tactic_pins": {layer.name: layer.tactic for layer in layers if layer.role == "compute"},
+        "quantization": {"scales": plan_scales(engine.plan)},
         "sparsity": {"layers": {}},
     }
+
+
+#: Where the int8 layers of engine.ops.gie_quant keep (tensor input, its scale input).
+_SCALED_INPUTS = {"QConv": ((0, 1),), "QGemm": ((0, 1),), "QMatMul": ((0, 1), (2, 3))}
+_OUTPUT_SCALE = {"QConv": 6, "QGemm": 6, "QMatMul": 4}
+
+
+def plan_scales(plan: Any) -> dict[str, float]:
+    """The int8 scale of every tensor the plan quantizes (model names, ``::`` suffixes of the
+    precision rewrite stripped), read from its QuantizeLinear layers and int8 ops."""
+    scales: dict[str, float] = {}
+
+    def note(tensor: str, scale_name: str) -> None:
+        if tensor and scale_name in plan.constants:
+            scales[tensor.split("::", 1)[0]] = float(np.asarray(plan.constants[scale_name]))
+
+    for layer in plan.layers:
+        if layer.op_type == "QuantizeLinear" and layer.domain == "" and len(layer.inputs) > 1:
+            note(layer.inputs[0], layer.inputs[1])
+        elif layer.domain == "gie" and layer.op_type in _SCALED_INPUTS:
+            for tensor, scale in _SCALED_INPUTS[layer.op_type]:
+                note(layer.inputs[tensor], layer.inputs[scale])
+            index = _OUTPUT_SCALE[layer.op_type]
+            if len(layer.inputs) > index and layer.inputs[index]:
+                note(layer.outputs[0], layer.inputs[index])
+    return dict(sorted(scales.items()))
+
+
+def scales_from_recipe(recipe: Mapping[str, Any]) -> dict[str, float]:
+    """The recipe's int8 scales (tensor name -> scale) for ``build(..., scales=...)``."""
+    validate_recipe(recipe)
+    quantization = recipe.get("quantization") or {}
+    raw = quantization.get("scales", {}) if isinstance(quantization, Mapping) else {}
+    try:
+        return {str(name): float(value) for name, value in raw.items()}
+    except (AttributeError, TypeError, ValueError) as error:
+        raise RecipeError(f"recipe: its quantization scales cannot be read: {error}") from error
 
 
 def validate_recipe(recipe: Mapping[str, Any], label: str = "recipe") -> None:

@@ -51,7 +51,7 @@ def test_the_recipe_holds_config_precisions_and_every_tactic(engine) -> None:
     assert recipe["layer_precisions"] == {
         layer.name: layer.precision.value for layer in engine.plan.layers
     }
-    assert recipe["quantization"] == {"scales": {}}
+    assert recipe["quantization"] == {"scales": {}}  # an fp32 engine quantizes nothing
     assert recipe["sparsity"] == {"layers": {}}
     # A timing cache is a file of the machine that built; the recipe does not carry its path.
     assert recipe["config"] == {**engine.config.to_json(), "timing_cache_path": None}

@@ -16,9 +16,9 @@ Semantics (TensorRT's builder flags and layer precision constraints):
 * Only float computations have a precision: layers whose outputs are integer/bool/shape tensors
   stay fp32 (nothing to reduce). tf32 only changes convolutions and matrix products.
 * fp16: float32 weights are converted with overflow/subnormal detection; a layer whose weights
-  would overflow, or (``fp16_overflow_fallback``) whose activations exceeded 65504 on the
-  calibration data, stays fp32 with that reason. Every fp16 layer computes in fp32 internally
-  (reductions accumulate in fp32) and stores float16.
+  would overflow, or (``fp16_overflow_fallback``) whose input or output activations exceeded
+  65504 on the calibration data, stays fp32 with that reason. Every fp16 layer computes in fp32
+  internally (reductions accumulate in fp32) and stores float16.
 * int8: for the ops in :data:`INT8_OPS` with a constant weight (or, for MatMul between two
   activations, scales on both), given an activation scale for the quantized input(s).
 
@@ -232,8 +232,8 @@ def _fp16_check(node: ir.Node, ctx: _Context, fallback: bool) -> tuple[str | Non
                 f"{conversion.flushed_to_zero} flushed to zero"
             )
     if fallback:
-        for value in node.outputs:
-            amax = ctx.scales.overflows_fp16(value.name or "")
+        for value in [*node.inputs, *node.outputs]:
+            amax = ctx.scales.overflows_fp16(value.name or "") if value is not None else None
             if amax is not None:
                 return (
                     f"activation '{value.name}' overflows fp16 on the calibration data "

@@ -7,7 +7,8 @@ After :func:`engine.build.precision.decide_precisions`, :func:`apply_precisions`
   with int8 per-channel weights, an int32 bias and float32 scales as initializers. An int8
   layer writes int8 when its output has a scale and (explicit quantization) the model
   quantized that tensor or (calibration) every consumer reads it as an int8 input; otherwise it
-  writes float directly (float16 when every consumer is fp16, else float32).
+  writes float directly (float16 when every consumer is fp16 and the values fit float16, else
+  float32).
 * fp16 layers keep their op; their float32 weights get float16 copies (``<name>::fp16``) and
   their float outputs are float16.
 * Every value is stored in its producer's format (fp32, fp16 or int8 at a scale). A consumer
@@ -156,7 +157,10 @@ class _Rewriter:
     def float_output_kind(self, value: ir.Value) -> str:
         consumers = [use.node for use in value.uses()]
         fp16 = all(self.precision_of(n) == Precision.FP16 for n in consumers)
-        return FP16 if consumers and fp16 and not value.is_graph_output() else FP32
+        overflows = self.scales.overflows_fp16(value.name or "") is not None
+        if consumers and fp16 and not overflows and not value.is_graph_output():
+            return FP16
+        return FP32
 
     def wants_int8_output(self, value: ir.Value) -> float | None:
         """The int8 scale the int8 layer writing ``value`` quantizes to, or None (float)."""
