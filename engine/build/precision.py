@@ -111,15 +111,12 @@ def requested_precision(node: ir.Node, config: BuilderConfig) -> tuple[Precision
     Returns (precision, note); the note names conflicting requests on fused origins."""
     own = config.precision_override(node.name or "")
     origin_requests: dict[str, Precision] = {}
-    for origin in provenance(node):
-        if origin == node.name:
-            continue
-        chosen = None
-        for pattern, precision in config.layer_precisions:
-            if _matches(origin, pattern):
-                chosen = precision
-        if chosen is not None:
-            origin_requests[origin] = chosen
+    last: Precision | None = None  # the last layer_precisions entry matching any origin
+    for pattern, precision in config.layer_precisions:
+        for origin in provenance(node):
+            if origin != node.name and _matches(origin, pattern):
+                origin_requests[origin] = precision
+                last = precision
     if own is not None:
         lost = [f"{o} ({p.value})" for o, p in origin_requests.items() if p != own]
         note = (
@@ -128,15 +125,15 @@ def requested_precision(node: ir.Node, config: BuilderConfig) -> tuple[Precision
             else ""
         )
         return own, note
-    if not origin_requests:
+    if last is None:
         return None, ""
-    distinct = list(dict.fromkeys(origin_requests.values()))
-    chosen = distinct[-1]
     note = ""
-    if len(distinct) > 1:
+    if len(set(origin_requests.values())) > 1:
         parts = ", ".join(f"{o} ({p.value})" for o, p in origin_requests.items())
-        note = f"origins request different precisions ({parts}); fused layer takes {chosen.value}"
-    return chosen, note
+        note = (
+            f"origins request different precisions ({parts}); the last request wins: {last.value}"
+        )
+    return last, note
 
 
 class _Context:

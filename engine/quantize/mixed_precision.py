@@ -18,6 +18,7 @@ caller's config plus the chosen per-layer precisions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,8 @@ class AccuracyBudget:
             threshold = float(value[:-1]) / 100 if value.endswith("%") else float(value)
         except ValueError:
             raise BudgetError(f"accuracy budget {text!r}: {value!r} is not a number") from None
+        if not math.isfinite(threshold):
+            raise BudgetError(f"accuracy budget {text!r}: the threshold must be a finite number")
         if metric in ("cosine", "top1") and not 0.0 <= threshold <= 1.0:
             raise BudgetError(f"accuracy budget {text!r}: {metric} must be in [0, 1]")
         return AccuracyBudget(metric, threshold)
@@ -176,8 +179,8 @@ class _Search:
         self.batches = list(batches)
         if not self.batches:
             raise ValueError("sensitivity / mixed precision need at least one batch of data")
-        self.reference = self.run(self.engine(self.base))
         self.calibration = calibration
+        self.reference = self.run(self.engine(self.base))
         if calibration is None:
             probe = build(
                 model,
