@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from engine.build.precision import FLOAT32_ONLY_INPUTS, PrecisionDecision, qualified
+from engine.build.int8_layers import int8_layer
+from engine.build.precision import FLOAT32_ONLY_INPUTS, PrecisionDecision
 from engine.config import Precision
-from engine.ops.registry import GIE_DOMAIN, Attrs, TensorSpec
+from engine.ops.registry import GIE_DOMAIN, TensorSpec
 from engine.passes.provenance import PROVENANCE_KEY, RULE_KEY, provenance, set_provenance
-from engine.quantize.qparams import quantize, quantize_bias, weight_scales
 from engine.quantize.scales import QuantScales
 
 PRECISION_KEY = "gie.precision"
@@ -44,8 +44,6 @@ ROLE_KEY = "gie.role"
 REASON_KEY = "gie.reason"
 FP32, FP16, INT8 = "fp32", "fp16", "int8"
 _DTYPES = {FP32: ir.DataType.FLOAT, FP16: ir.DataType.FLOAT16, INT8: ir.DataType.INT8}
-_CONV_ATTRS = ("group", "strides", "pads", "dilations", "kernel_shape", "auto_pad")
-_EPILOGUE_ATTRS = ("activation", "activation_alpha", "min", "max", "residual_before_activation")
 
 
 @dataclass
@@ -181,69 +179,17 @@ class _Rewriter:
         return scale
 
     def to_int8_layer(self, node: ir.Node, decision: PrecisionDecision) -> None:
-        op = qualified(node)
-        attrs = Attrs.from_node(node)
-        inputs = list(node.inputs) + [None] * 4
-        scales = dict(decision.input_scales)
+        """Replace ``node`` by its gie::Q* layer (engine.build.int8_layers), output name kept."""
         out = node.outputs[0]
         y_scale = self.wants_int8_output(out)
         out_kind = INT8 if y_scale is not None else self.float_output_kind(out)
-        attributes: dict[str, object] = {"output_dtype": int(_DTYPES[out_kind])}
-        new_inputs: list[ir.Value | None]
-        if decision.int8_kind == "QMatMul":
-            new_inputs = [
-                inputs[0],
-                self.scale_value(scales[0]),
-                inputs[1],
-                self.scale_value(scales[1]),
-            ]
-            required = {0: (INT8, scales[0]), 2: (INT8, scales[1])}
-        else:
-            weight = self.const_array(inputs[1])
-            assert weight is not None
-            if decision.int8_kind == "QConv":
-                axis, bias, residual = 0, inputs[2], inputs[3] if op == "gie::ConvAct" else None
-                keep = _CONV_ATTRS + _EPILOGUE_ATTRS
-            else:
-                kind = "Gemm" if op == "Gemm" else "MatMul" if op == "MatMul" else None
-                kind = kind or attrs.str("kind", "Gemm") or "Gemm"
-                trans_b = attrs.int("transB", 0) if kind == "Gemm" else 0
-                axis = 0 if trans_b else 1
-                bias = inputs[2] if op != "MatMul" else None
-                residual = inputs[3] if op == "gie::GemmAct" else None
-                keep = ("transB", *_EPILOGUE_ATTRS)
-                attributes["kind"] = kind
-            attributes.update(
-                {k: v.value for k, v in node.attributes.items() if k in keep and k != "kind"}
-            )
-            w_scales = self._weight_scales(inputs[1], weight, axis)
-            w_q = quantize(weight, w_scales, axis=axis)
-            bias_array = self.const_array(bias)
-            b_q = None
-            if bias_array is not None:
-                n = weight.shape[axis]
-                full = np.broadcast_to(bias_array.astype(np.float32).reshape(-1), (n,))
-                b_q = self.constant(
-                    f"{node.name}/bias_int32", quantize_bias(full, scales[0], w_scales)
-                )
-            base = node.name or "layer"
-            new_inputs = [
-                inputs[0],
-                self.scale_value(scales[0]),
-                self.constant(f"{base}/weight_int8", w_q),
-                self.constant(f"{base}/weight_scale", w_scales.astype(np.float32)),
-                b_q,
-                residual,
-            ]
-            required = {0: (INT8, scales[0]), 5: ("float", None)}
-        if y_scale is not None:
-            new_inputs += [None] * (6 - len(new_inputs)) + [self.scale_value(y_scale)]
-        while new_inputs and new_inputs[-1] is None:
-            new_inputs.pop()
+        layer = int8_layer(
+            node, decision, _DTYPES[out_kind], y_scale, self.scales, self.constant, self.scale_value
+        )
         new = ir.node(
             decision.int8_kind,
-            new_inputs,
-            attributes=attributes,  # type: ignore[arg-type]
+            layer.inputs,
+            attributes=layer.attributes,  # type: ignore[arg-type]
             domain=GIE_DOMAIN,
             name=node.name,
             num_outputs=1,
@@ -255,7 +201,7 @@ class _Rewriter:
             set_provenance(new, provenance(node))
         new.meta["gie.required"] = {
             i: (_Format(kind, scale) if kind != "float" else "float")
-            for i, (kind, scale) in required.items()
+            for i, (kind, scale) in layer.required.items()
         }
         new_out = new.outputs[0]
         new_out.shape = out.shape
@@ -269,14 +215,6 @@ class _Rewriter:
         self.stats.int8_layers.append(node.name or "")
         if GIE_DOMAIN not in self.model.opset_imports:
             self.model.opset_imports[GIE_DOMAIN] = 1
-
-    def _weight_scales(self, value: ir.Value | None, weight: np.ndarray, axis: int) -> np.ndarray:
-        given = self.scales.weights.get(value.name or "") if value is not None else None
-        if given is not None:
-            scales, given_axis = given
-            if given_axis == axis and np.asarray(scales).size == weight.shape[axis]:
-                return np.asarray(scales, dtype=np.float32).reshape(-1)
-        return weight_scales(weight, axis=axis)
 
     # ------------------------------------------------------------------ fp16 layers
 
