@@ -64,6 +64,7 @@ def save_cache(result: CalibrationResult, path: str | os.PathLike[str]) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a cache is shared like an engine
         os.replace(temporary, target)
     except BaseException:
         if os.path.exists(temporary):

@@ -10,7 +10,9 @@ answer; otherwise the k most sensitive layers fall back to ``fallback`` (fp16 by
 the smallest k that meets the budget is found by bisection on the sensitivity order (the error
 is close to monotone in k; the chosen k is verified by its own build). The report gives the
 choice per layer, how many stayed int8, the achieved metric, and the estimated latency of
-fp32, all-fallback, all-int8 and the chosen mix (engine.build.estimate).
+fp32, all-fallback, all-int8 (every int8-capable layer int8, the others in the fallback
+precision) and the chosen mix (engine.build.estimate). Every layer that cannot run int8 runs in
+the fallback precision in all but the fp32 figure.
 
 Searching builds use the reference tactic only (no timing); the final engine is built with the
 caller's config plus the chosen per-layer precisions.
@@ -270,7 +272,7 @@ def auto_mixed_precision(
         return value, engine
 
     trials: list[tuple[int, float]] = []
-    value, _ = trial(0, names)
+    value, all_int8 = trial(0, names)
     trials.append((0, value))
     ranked_layers: list[LayerSensitivity] = []
     keep = 0
@@ -308,7 +310,7 @@ def auto_mixed_precision(
                 search.base.with_changes(precisions=frozenset({Precision.FP32, fallback}))
             ).plan
         ).total_ms,
-        "all int8": estimate_latency(search.int8_engine.plan).total_ms,
+        "all int8": estimate_latency(all_int8.plan).total_ms,
         "chosen": estimate_latency(engine.plan).total_ms,
     }
     return MixedPrecisionResult(
