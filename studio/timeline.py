@@ -103,6 +103,7 @@ class _Snapshots(Instrument):
         self.nodes: dict[str, NodeRecord] = {}
         self.edges: list[EdgeRecord] = []
         self._current: dict[str, str] = {}  # node name -> id of the live node with that name
+        self._objects: dict[str, ir.Node | str] = {}  # node name -> the live node itself
         self._live_edges: dict[tuple[str, str, str], EdgeRecord] = {}
         self._step = -1
 
@@ -150,11 +151,14 @@ class _Snapshots(Instrument):
     def snapshot(self, model: ir.Model) -> None:
         found = self._node_ids(model)
         for name in list(self._current):
-            if name not in found:
+            # gone, or replaced by another node under the same name: that node died here
+            if name not in found or found[name] is not self._objects[name]:
                 self.nodes[self._current.pop(name)].died = self._step
+                del self._objects[name]
         for name, node in found.items():
             if name in self._current:
                 continue
+            self._objects[name] = node
             node_id = name
             suffix = 1
             while node_id in self.nodes:
