@@ -291,8 +291,12 @@ class Session:
         before = self.engine
         latency_before = estimate_latency(before.plan).total_ms if before else None
         cosine_before = self._cosine(before) if before else None
-        self.config = config
-        engine = self.build()
+        previous, self.config = self.config, config
+        try:
+            engine = self.build()
+        except Exception:
+            self.config = previous  # a refused request leaves the session as it was
+            raise
         retuned = sorted(
             {
                 e.layer

@@ -110,7 +110,8 @@ class WallClockTimer:
             start = time.perf_counter()
             run()
             once_ms = min(once_ms, (time.perf_counter() - start) * 1e3)
-        if abort_above_ms is not None and once_ms > WARMUP_ABORT_FACTOR * abort_above_ms:
+        warmed = math.isfinite(once_ms)  # no warm-up runs: nothing to judge yet
+        if warmed and abort_above_ms is not None and once_ms > WARMUP_ABORT_FACTOR * abort_above_ms:
             return [once_ms]  # hopeless already in warm-up: one (warm-up) sample, aborted
         repeats = 1
         if math.isfinite(once_ms) and self.min_sample_ms > 0:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
+import plotly.offline
 import pytest
 
 from engine import zoo
@@ -188,7 +190,11 @@ def test_export_writes_engine_recipe_qdq_and_report(session: Session, tmp_path) 
     cosine /= float(np.linalg.norm(ours) * np.linalg.norm(theirs))
     assert cosine > 0.999
     text = paths["report"].read_text()
-    assert "<svg" in text and "https://cdn" not in text
+    assert "<svg" in text
+    bundle = plotly.offline.get_plotlyjs()
+    assert text.count(bundle) == 1  # plotly.js embedded once; its own source links are inert
+    text = text.replace(bundle, "")
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", text)  # nothing to fetch
 
 
 def test_close_removes_the_working_folder(resnet) -> None:
