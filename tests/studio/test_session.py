@@ -206,3 +206,19 @@ def test_close_removes_the_working_folder(resnet) -> None:
     session.close()
     session.close()  # idempotent
     assert not os.path.exists(folder)
+
+
+def test_compare_profiles_engines_on_the_same_feeds(session: Session, resnet) -> None:
+    from studio.plots import engine_comparison
+
+    session.run()
+    session.build()
+    with Session(load(resnet), BuilderConfig(tactic_sources=frozenset({"reference"}))) as other:
+        other.run()
+        other.set_precision("*", "fp16")
+        comparison = session.compare(other, iterations=2)
+    assert set(comparison.reports) == {"this", "#1"}
+    assert comparison.cosine["this"] == pytest.approx(1.0)
+    assert 0.9999 < comparison.cosine["#1"] < 1.0
+    figure = engine_comparison(comparison.reports, baseline="this")
+    assert figure.data  # aligned by origin nodes: one speedup per group
