@@ -17,29 +17,14 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-try:
-    from studio.colors import (
-        ERROR_SCALE,
-        LATENCY_SCALE,
-        NEUTRAL_COLOR,
-        family_color,
-        precision_color,
-        scale_color,
-    )
-except ImportError:  # pragma: no cover - studio.colors is written alongside this module
-    NEUTRAL_COLOR = "#BBBBBB"
-    LATENCY_SCALE = ((0.0, "#440154"), (1.0, "#FDE725"))
-    ERROR_SCALE = ((0.0, "#2166AC"), (0.5, "#F7F7F7"), (1.0, "#B2182B"))
-
-    def family_color(name: str) -> str:
-        return NEUTRAL_COLOR
-
-    def precision_color(name: str) -> str:
-        return NEUTRAL_COLOR
-
-    def scale_color(scale: Sequence[tuple[float, str]], position: float) -> str:
-        return scale[-1][1] if position >= 0.5 else scale[0][1]
-
+from studio.colors import (
+    ERROR_SCALE,
+    LATENCY_SCALE,
+    NEUTRAL_COLOR,
+    family_color,
+    precision_color,
+    scale_color,
+)
 
 #: At most this many visible nodes are drawn; the SVG notes how many were left out.
 MAX_NODES = 2000
@@ -225,8 +210,8 @@ def _node_colors(
             legend = {"fastest": LATENCY_SCALE[0][1], f"{slowest:.3g} ms": LATENCY_SCALE[-1][1]}
         else:
             legend = {"cosine 1": ERROR_SCALE[0][1], f"cosine ≤ {WORST_COSINE}": ERROR_SCALE[-1][1]}
-    if any(color == NEUTRAL_COLOR for color in fills.values()):
-        legend.setdefault("no data" if overlay != "family" else "other", NEUTRAL_COLOR)
+    if overlay != "family" and any(color == NEUTRAL_COLOR for color in fills.values()):
+        legend.setdefault("no data", NEUTRAL_COLOR)
     return fills, sorted(legend.items())
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from engine.build.estimate import estimate_latency
@@ -106,7 +107,7 @@ class Session:
 
     def __init__(
         self,
-        model_or_path: ir.Model | str | os.PathLike[str],
+        model_or_path: ir.Model | onnx.ModelProto | str | os.PathLike[str],
         config: BuilderConfig | None = None,
         backend: str = "auto",
         feeds: Mapping[str, np.ndarray] | None = None,
@@ -115,6 +116,9 @@ class Session:
     ) -> None:
         if isinstance(model_or_path, ir.Model):
             self.original = model_or_path
+            self.title = model_or_path.graph.name or "model"
+        elif isinstance(model_or_path, onnx.ModelProto):
+            self.original = load(model_or_path)
             self.title = model_or_path.graph.name or "model"
         else:
             self.original = load(model_or_path)

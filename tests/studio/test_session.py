@@ -198,7 +198,7 @@ def test_export_writes_engine_recipe_qdq_and_report(session: Session, tmp_path) 
 
 
 def test_close_removes_the_working_folder(resnet) -> None:
-    session = Session(load(resnet), BuilderConfig(tactic_sources=frozenset({"reference"})))
+    session = Session(resnet, BuilderConfig(tactic_sources=frozenset({"reference"})))  # a proto
     folder = session._workdir
     import os
 
