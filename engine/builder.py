@@ -2,6 +2,8 @@
 
 import explicit quantization (a model with Q/DQ nodes: engine.quantize.qdq_import)
 -> optimize (engine.passes, at config.optimization_level)
+-> 2:4 sparsity: per-layer eligibility logged; ``force`` prunes eligible weights
+   (engine.build.sparsity)
 -> int8 scales (Q/DQ, calibration, or a calibration cache: engine.build.quantization)
 -> precisions (engine.build.precision) materialized in the model: int8 ops, fp16 weights,
    explicit conversion layers (engine.build.reformat)
@@ -26,8 +28,9 @@ from engine.build.precision import PrecisionDecision, PrecisionError, decide_pre
 from engine.build.quantization import gather_scales
 from engine.build.reformat import apply_precisions
 from engine.build.selector import select_tactics
+from engine.build.sparsity import apply_sparsity, log_sparse_choices
 from engine.build.timing import Timer, TimingCache
-from engine.config import BuilderConfig
+from engine.config import BuilderConfig, SparsityMode
 from engine.device import device_identity
 from engine.onnx_io import load
 from engine.ops.shape_inference import infer_specs
@@ -117,6 +120,8 @@ def build(
     if progress:
         progress("optimize", 1, 1)
     optimized = result.model
+    if config.sparsity != SparsityMode.OFF:
+        optimized = apply_sparsity(optimized, config, log)
     if scales is not None:
         quant = QuantScales(activation=dict(scales), source="given scales")
         calibrated = None
@@ -130,6 +135,8 @@ def build(
     plan = lower(optimized, shapes)
     cache = TimingCache(config.timing_cache_path) if config.timing_cache_path else None
     stats = select_tactics(plan, config, log, timer=timer, cache=cache, progress=progress)
+    if config.sparsity != SparsityMode.OFF:
+        log_sparse_choices(plan, log)
     log.add("tactics", f"{stats.timed} candidates timed, {stats.cache_hits} timing-cache hits")
     memory = plan_memory(plan, config, log=log)
     engine = Engine(plan, memory, config, log, device_identity(config.backend))

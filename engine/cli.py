@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.cli_quant import add_quant_commands  # export-qdq, sensitivity
 
     add_quant_commands(commands, common)
+    from engine.cli_sparsity import add_sparsity_command  # check, prune, advise
+
+    add_sparsity_command(commands, common)
     return parser
 
 

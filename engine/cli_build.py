@@ -3,6 +3,7 @@
     gie build MODEL [--fp16] [--tf32] [--int8] [--layer-precision NAME=PREC ...]
               [--calib DATA] [--calibrator entropy|minmax|percentile|mse] [--percentile P]
               [--calib-cache F] [--accuracy-budget cosine=0.999] [--strict-precision]
+              [--sparsity off|on|force] [--sparsity-min-channels N]
               [--timing-cache F] [--shapes IN:MIN,OPT,MAX ...] [-O0..-O3] [--pin LAYER=TACTIC ...]
               [-o MODEL.gie]
 
@@ -33,7 +34,7 @@ import onnx_ir as ir
 
 from engine.cli import CliError, _load
 from engine.cli_engine import emit_json, text_stream
-from engine.config import BuilderConfig, Precision, PrecisionMode, ShapeProfile
+from engine.config import BuilderConfig, Precision, PrecisionMode, ShapeProfile, SparsityMode
 from engine.onnx_io import unsupported_ops
 from engine.passes import LEVELS
 from engine.progress import progress
@@ -137,6 +138,8 @@ def config_from_args(args: argparse.Namespace, model: ir.Model) -> BuilderConfig
         percentile=args.percentile,
         calibration_cache_path=args.calib_cache,
         fp16_overflow_fallback=not args.no_fp16_fallback,
+        sparsity=SparsityMode(args.sparsity),
+        sparsity_min_channels=args.sparsity_min_channels,
     )
 
 
@@ -227,6 +230,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"precisions: {precisions}; {summary['conversions']} conversion layers", file=out)
     if mixed is not None:
         print(f"mixed precision: {mixed.summary()}", file=out)
+    if config.sparsity != SparsityMode.OFF:
+        from engine.cli_sparsity import sparsity_error_line
+
+        sparse = [e.message for e in engine.log.entries if e.stage == "sparsity" and not e.layer]
+        print(f"sparsity {config.sparsity.value}: {'; '.join(sparse)}", file=out)
+        print(f"sparsity {config.sparsity.value}: {sparsity_error_line(engine, model)}", file=out)
     print(
         f"memory: arena {human_bytes(arena)} vs naive {human_bytes(naive)} "
         f"({100 * arena / max(naive, 1):.0f}%)",
@@ -317,6 +326,18 @@ def add_build_command(commands: Any, common: argparse.ArgumentParser) -> None:
         "--no-fp16-fallback",
         action="store_true",
         help="keep fp16 on layers whose activations overflow it on the calibration data",
+    )
+    build.add_argument(
+        "--sparsity",
+        choices=("off", "on", "force"),
+        default="off",
+        help="2:4 sparsity: on = sparse tactics for 2:4 weights; force = prune eligible first",
+    )
+    build.add_argument(
+        "--sparsity-min-channels",
+        type=int,
+        default=256,
+        help="layers with fewer input channels are too small for 2:4 (256)",
     )
     build.add_argument("--timing-cache", metavar="FILE", help="timing cache (JSON), reused")
     build.add_argument("--timing-iterations", type=int, default=5, help="runs per tactic (5)")

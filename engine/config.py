@@ -97,6 +97,11 @@ class BuilderConfig:
     after calibrating and reused when no data is given. ``fp16_overflow_fallback`` keeps in fp32
     the layers whose activations exceeded the float16 range on the calibration data.
     Precision semantics are in :mod:`engine.build.precision`.
+
+    2:4 sparsity (``sparsity``): ``on`` offers the sparse tactic to layers whose weights already
+    are 2:4 (kept only when faster); ``force`` first prunes every eligible layer (constant
+    weight, K a multiple of 4, not depthwise, at least ``sparsity_min_channels`` input channels:
+    NVIDIA's guidance is 256) to 2:4 by magnitude, then as ``on``.
     """
 
     optimization_level: str = "O2"
@@ -116,6 +121,7 @@ class BuilderConfig:
     percentile: float = 99.99
     calibration_cache_path: str | None = None
     fp16_overflow_fallback: bool = True
+    sparsity_min_channels: int = 256
     extras: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def with_changes(self, **changes: Any) -> BuilderConfig:
@@ -160,6 +166,7 @@ class BuilderConfig:
             "percentile": self.percentile,
             "calibration_cache_path": self.calibration_cache_path,
             "fp16_overflow_fallback": self.fp16_overflow_fallback,
+            "sparsity_min_channels": self.sparsity_min_channels,
         }
 
     @staticmethod
@@ -185,4 +192,5 @@ class BuilderConfig:
             percentile=float(data.get("percentile", 99.99)),
             calibration_cache_path=data.get("calibration_cache_path"),
             fp16_overflow_fallback=bool(data.get("fp16_overflow_fallback", True)),
+            sparsity_min_channels=int(data.get("sparsity_min_channels", 256)),
         )

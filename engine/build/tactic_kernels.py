@@ -27,7 +27,7 @@ def _optional(inputs: list[Any], index: int) -> Any:
     return inputs[index] if len(inputs) > index else None
 
 
-class _Prepared:
+class Prepared:
     """A derived array (transposed or transformed weight) for the last source array seen."""
 
     def __init__(self, derive: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -86,7 +86,7 @@ def direct_core() -> ConvCore:
     def taps(w: np.ndarray) -> np.ndarray:  # (M, C/g, *K) -> contiguous (K, M, C/g)
         return np.ascontiguousarray(np.moveaxis(w.reshape(*w.shape[:2], -1), 2, 0))
 
-    prepared = _Prepared(taps)
+    prepared = Prepared(taps)
 
     def core(x: np.ndarray, w: np.ndarray, attrs: Attrs) -> np.ndarray:
         kernel, strides, dilations, begins, ends, out, group = _geometry(x, w, attrs)
@@ -126,7 +126,7 @@ def winograd_core() -> ConvCore:
         u = np.einsum("ai,mcij,bj->abmc", g, w, g)
         return np.ascontiguousarray(u.reshape(16, *w.shape[:2]))
 
-    prepared = _Prepared(transform)
+    prepared = Prepared(transform)
 
     def core(x: np.ndarray, w: np.ndarray, attrs: Attrs) -> np.ndarray:
         _, _, _, begins, ends, out, _ = _geometry(x, w, attrs)
@@ -239,7 +239,7 @@ def einsum_product() -> Product:
 
 
 def transposed_b_product() -> Product:
-    prepared = _Prepared(lambda b: np.ascontiguousarray(b.T))
+    prepared = Prepared(lambda b: np.ascontiguousarray(b.T))
 
     def product(a: np.ndarray, b: np.ndarray, trans_b: bool) -> np.ndarray:
         stored = prepared(b)  # B^T, contiguous: op(B) is then a view of it

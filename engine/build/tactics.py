@@ -17,6 +17,9 @@ MatMul, Gemm, gie::GemmAct
 gie::Attention
     ``batched``: all heads in one batched matmul (the reference algorithm); ``per_head``: a
     loop over the heads (smaller score buffers).
+Conv, gie::ConvAct, Gemm, MatMul, gie::GemmAct with a 2:4 weight
+    ``sparse_2_4``: from the compressed weight (engine.build.sparse_tactics), offered only when
+    ``BuilderConfig.sparsity`` is on or force.
 
 The implementations live in :mod:`engine.build.tactic_kernels`. Fused ops compute their core
 with the tactic and reuse the op's own epilogue (:func:`engine.ops.gie_fused.apply_epilogue`).
@@ -38,6 +41,13 @@ import onnx_ir as ir
 
 from engine.build.emulation import emulate_precision
 from engine.build.plan import Layer, Plan
+from engine.build.sparse_tactics import (
+    SPARSE_CONV_OPS,
+    SPARSE_GEMM_OPS,
+    check_sparse,
+    sparse_conv_kernel,
+    sparse_gemm_kernel,
+)
 from engine.build.tactic_kernels import (
     ConvCore,
     attention_per_head,
@@ -53,7 +63,7 @@ from engine.build.tactic_kernels import (
     transposed_b_product,
     winograd_core,
 )
-from engine.config import BuilderConfig
+from engine.config import BuilderConfig, SparsityMode
 from engine.ops.gie_transformer import _attention_kernel
 from engine.ops.registry import Kernel, default_registry
 
@@ -68,6 +78,8 @@ TACTIC_FAMILIES: dict[str, str] = {
     "einsum": "GEMMs through np.einsum (einsum)",
     "attention_batched": "attention with all heads in one batched matmul (batched)",
     "attention_per_head": "attention looping over the heads (per_head)",
+    "sparse": "2:4 structured-sparse convolution/GEMM from the compressed weight (sparse_2_4; "
+    "only with BuilderConfig.sparsity on/force, for weights that are 2:4)",
 }
 
 CONV_OPS = frozenset({"Conv", "gie::ConvAct"})
@@ -114,6 +126,8 @@ _CATALOGUE: list[Tactic] = [
     Tactic("transposed_b", "blas", GEMM_OPS, gemm_kernel(transposed_b_product), check_transposed_b),
     Tactic("batched", "attention_batched", ATTENTION_OPS, _fixed(_attention_kernel)),
     Tactic("per_head", "attention_per_head", ATTENTION_OPS, _fixed(attention_per_head)),
+    Tactic("sparse_2_4", "sparse", SPARSE_CONV_OPS, sparse_conv_kernel, check_sparse),
+    Tactic("sparse_2_4", "sparse", SPARSE_GEMM_OPS, sparse_gemm_kernel, check_sparse),
 ]
 
 
@@ -160,6 +174,8 @@ def candidate_tactics(layer: Layer, plan: Plan, config: BuilderConfig) -> list[s
     names = [] if enabled is not None and "reference" not in enabled else ["reference"]
     for tactic in tactics_for(layer.qualified_op):
         if enabled is not None and tactic.family not in enabled:
+            continue
+        if tactic.family == "sparse" and config.sparsity == SparsityMode.OFF:
             continue
         if why_not(layer, plan, tactic.name) is None:
             names.append(tactic.name)

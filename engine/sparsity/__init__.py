@@ -1,0 +1,1 @@
+"""2:4 structured sparsity: check, prune, channel permutation, compress, reference kernels."""
