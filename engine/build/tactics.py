@@ -44,9 +44,12 @@ from engine.build.plan import Layer, Plan
 from engine.build.sparse_tactics import (
     SPARSE_CONV_OPS,
     SPARSE_GEMM_OPS,
+    SPARSE_INT8_OPS,
     check_sparse,
     sparse_conv_kernel,
     sparse_gemm_kernel,
+    sparse_qconv_kernel,
+    sparse_qgemm_kernel,
 )
 from engine.build.tactic_kernels import (
     ConvCore,
@@ -128,6 +131,8 @@ _CATALOGUE: list[Tactic] = [
     Tactic("per_head", "attention_per_head", ATTENTION_OPS, _fixed(attention_per_head)),
     Tactic("sparse_2_4", "sparse", SPARSE_CONV_OPS, sparse_conv_kernel, check_sparse),
     Tactic("sparse_2_4", "sparse", SPARSE_GEMM_OPS, sparse_gemm_kernel, check_sparse),
+    Tactic("sparse_2_4", "sparse", frozenset({"gie::QConv"}), sparse_qconv_kernel, check_sparse),
+    Tactic("sparse_2_4", "sparse", frozenset({"gie::QGemm"}), sparse_qgemm_kernel, check_sparse),
 ]
 
 
@@ -161,7 +166,8 @@ def why_not(layer: Layer, plan: Plan, name: str) -> str | None:
     spec = plan.specs.get(layer.inputs[0])
     if spec is None or spec.dtype is None:
         return f"{name} needs a known input dtype"
-    if spec.dtype not in FLOAT_TYPES:
+    int8_layer = layer.qualified_op in SPARSE_INT8_OPS and spec.dtype == ir.DataType.INT8
+    if spec.dtype not in FLOAT_TYPES and not int8_layer:
         return f"{name} handles float16/float32/float64 inputs only (got {spec.dtype.name})"
     return tactic.check(layer, plan) if tactic.check else None
 

@@ -99,3 +99,23 @@ def test_expected_speedup_follows_the_roofline() -> None:
     assert 1.8 < big <= 2.0  # compute bound: sparse tensor cores double the rate
     tiny = expected_speedup(flops=1000, moved_bytes=4000, weight_bytes=2000)
     assert tiny == pytest.approx(1.0, abs=0.01)  # launch bound: nothing to gain
+
+
+def test_int8_sparse_layers_equal_the_dense_int8_engine_exactly(resnet) -> None:
+    from engine.config import Precision
+
+    model, feeds = resnet
+    calibration = [zoo.make_inputs(zoo.build("resnet"), seed=s) for s in range(2)]
+    config = FORCE.with_changes(
+        precisions=frozenset({Precision.FP32, Precision.INT8}), timing_cache_path=None
+    )
+    timer = FakeTimer({"sparse_2_4": 0.5}, default_ms=1.0)
+    sparse = build(model, config, timer=timer, calibration_data=calibration)
+    int8 = [layer for layer in sparse.plan.layers if layer.op_type in ("QConv", "QGemm")]
+    assert sum(layer.tactic == "sparse_2_4" for layer in int8) == 10
+    dense = build(
+        model,
+        config.with_changes(tactic_sources=frozenset({"reference"})),
+        calibration_data=calibration,
+    )
+    np.testing.assert_array_equal(sparse.run(feeds)["output"], dense.run(feeds)["output"])
