@@ -222,3 +222,29 @@ def test_compare_profiles_engines_on_the_same_feeds(session: Session, resnet) ->
     assert 0.9999 < comparison.cosine["#1"] < 1.0
     figure = engine_comparison(comparison.reports, baseline="this")
     assert figure.data  # aligned by origin nodes: one speedup per group
+
+
+def test_python_m_studio_writes_the_export_folder(resnet, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "resnet.onnx"
+    onnx.save(resnet, path)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "studio", str(path), "--out", str(out), "--fp16"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "optimizer steps at O3" in result.stdout
+    names = {p.name for p in out.iterdir()}
+    assert names == {"model.gie", "recipe.json", "model_qdq.onnx", "report.html"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "studio", str(tmp_path / "nope.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2 and "nope.onnx" in missing.stderr
