@@ -8,7 +8,7 @@ MODEL ?=
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test lint format lab conformance bench clean
+.PHONY: setup demo test lint format lab conformance bench clean extension chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,28 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-setup: $(STAMP)
+# The JupyterLab extension: node deps (npm ci) when the lock changes, a build (tsc +
+# jupyter-builder into studio/labextension) when its sources change, and a symlink into the
+# venv's labextensions folder (a copy, as pip install -e makes, would hide later rebuilds).
+EXT_DEPS := extension/node_modules/.package-lock.json
+EXT_BUILT := studio/labextension/package.json
+EXT_SOURCES := extension/package.json extension/tsconfig.json $(wildcard extension/src/*.ts extension/style/*)
+EXT_LINK := $(VENV)/share/jupyter/labextensions/gie-studio
+
+$(EXT_DEPS): extension/package.json extension/package-lock.json
+	cd extension && export npm_config_registry="$$(npm config get registry)" && \
+	  npm ci --no-audit --no-fund
+	@touch $@
+
+$(EXT_BUILT): $(EXT_DEPS) $(EXT_SOURCES) | $(STAMP)
+	cd extension && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm run build
+	@touch $@
+
+extension: $(EXT_BUILT)
+	@if [ ! -L $(EXT_LINK) ]; then mkdir -p $(dir $(EXT_LINK)) && rm -rf $(EXT_LINK) && \
+	  ln -s $(CURDIR)/studio/labextension $(EXT_LINK); fi
+
+setup: $(STAMP) extension
 
 demo: setup
 	@model="$(MODEL)"; if [ -z "$$model" ]; then model=$$($(PY) -m engine.examples resnet50); fi; \
@@ -41,7 +62,18 @@ demo: setup
 	fi && \
 	echo "wrote $(OUT)/: optimized.onnx, steps.json, model.gie, timing_cache.json (+ int8 engine, calibration cache, QDQ model)"
 
-test: setup
+# The browser tests (tests/e2e) drive Debian's chromium; install it when missing and we are
+# root, else they skip with the reason. Never `playwright install` (no downloaded browsers).
+chromium:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "== apt-get install -y chromium (for the browser tests)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null || \
+	  { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the browser tests will skip"; \
+	else echo "chromium is missing and we are not root: the browser tests will skip"; fi
+
+test: setup chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
