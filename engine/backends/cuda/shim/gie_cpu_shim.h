@@ -1,0 +1,339 @@
+// gie_cpu_shim.h: compile a GIE .cu kernel with g++ and run it on the CPU at tiny shapes.
+//
+// Force-included (g++ -include gie_cpu_shim.h) before the kernel source. Blocks run one after
+// another; inside a block every CUDA thread is a std::thread, so __syncthreads is a real
+// barrier (gie_shim::Barrier, which aborts with a message instead of hanging when a barrier is
+// never completed), and warp shuffles exchange values through a per-warp slot array with a
+// per-warp barrier. The prelude's tensor-core wrappers (gie_prelude.cuh, skipped under
+// GIE_CPU_SHIM) are re-implemented here from the PTX fragment layouts: mma.sync m16n8k16 f16,
+// m16n8k32 s8, ldmatrix x4 / x2.trans, cp.async (a synchronous copy). mma.sp is not emulated
+// (it aborts). What this cannot check: performance, races the barrier hides, exact
+// tensor-core rounding (products are summed in fp32 in k order).
+//
+// A thread that returns early leaves its block and warp barriers (arrive_and_drop), as an
+// exited thread does not block bar.sync on Volta and later.
+#pragma once
+#define GIE_CPU_SHIM 1
+
+#include <math.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+using std::max;
+using std::min;
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define GIE_DEVICE inline
+
+typedef _Float16 gie_half;
+inline float gie_h2f(gie_half value) { return static_cast<float>(value); }
+inline gie_half gie_f2h(float value) { return static_cast<gie_half>(value); }
+inline float __half2float(gie_half value) { return static_cast<float>(value); }
+inline gie_half __float2half_rn(float value) { return static_cast<gie_half>(value); }
+inline float rsqrtf(float value) { return 1.0f / std::sqrt(value); }
+
+namespace gie_shim {
+
+// How long a thread waits at a barrier before the shim declares a deadlock (a __syncthreads
+// that not every thread of the block reaches) and aborts with a message; set per library by
+// gie_shim_set_barrier_timeout_ms (ShimLibrary.set_barrier_timeout).
+inline std::atomic<unsigned> barrier_timeout_ms{20000};
+
+// std::barrier without the hang: arrive_and_wait aborts after barrier_timeout_ms.
+class Barrier {
+   public:
+    explicit Barrier(int count) : expected_(count) {}
+
+    void arrive_and_wait() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        const unsigned long phase = phase_;
+        if (++arrived_ >= expected_) {
+            next_phase();
+            return;
+        }
+        const auto timeout = std::chrono::milliseconds(barrier_timeout_ms.load());
+        if (!changed_.wait_for(lock, timeout, [&] { return phase_ != phase; })) {
+            std::fprintf(stderr,
+                         "gie_cpu_shim: a barrier waited %u ms for %d of %d threads: a "
+                         "__syncthreads or warp collective not reached by every thread?\n",
+                         barrier_timeout_ms.load(), expected_ - arrived_, expected_);
+            std::fflush(stderr);
+            std::abort();
+        }
+    }
+
+    // The calling thread has exited: later phases no longer wait for it.
+    void arrive_and_drop() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        --expected_;
+        if (arrived_ > 0 && arrived_ >= expected_) next_phase();
+    }
+
+   private:
+    void next_phase() {
+        arrived_ = 0;
+        ++phase_;
+        changed_.notify_all();
+    }
+
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    int expected_;
+    int arrived_ = 0;
+    unsigned long phase_ = 0;
+};
+
+struct Warp {
+    explicit Warp(int threads) : barrier(threads), size(threads) {}
+    Barrier barrier;
+    int size;
+    alignas(16) uint64_t slots[32][8];  // per lane: up to 64 bytes (fragments, pointers)
+};
+
+struct Block {
+    explicit Block(int threads) : barrier(threads) {
+        for (int first = 0; first < threads; first += 32)
+            warps.emplace_back(std::make_unique<Warp>(std::min(32, threads - first)));
+    }
+    Barrier barrier;
+    std::vector<std::unique_ptr<Warp>> warps;
+};
+
+inline dim3 grid_dim, block_dim;
+inline thread_local dim3 thread_idx, block_idx;
+inline thread_local Block* block = nullptr;
+inline thread_local int lane = 0, warp_index = 0;
+
+inline Warp& warp() { return *block->warps[warp_index]; }
+
+// Run body() as every thread of every block of the launch.
+template <typename Body>
+void launch(dim3 grid, dim3 threads_per_block, Body body) {
+    grid_dim = grid;
+    block_dim = threads_per_block;
+    const int threads = int(threads_per_block.x * threads_per_block.y * threads_per_block.z);
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                Block shared_block(threads);
+                std::vector<std::thread> pool;
+                pool.reserve(threads);
+                for (int t = 0; t < threads; ++t) {
+                    pool.emplace_back([&, t] {
+                        block = &shared_block;
+                        block_idx = dim3{bx, by, bz};
+                        thread_idx = dim3{t % threads_per_block.x,
+                                          (t / threads_per_block.x) % threads_per_block.y,
+                                          t / (threads_per_block.x * threads_per_block.y)};
+                        lane = t % 32;
+                        warp_index = t / 32;
+                        body();
+                        warp().barrier.arrive_and_drop();
+                        shared_block.barrier.arrive_and_drop();
+                    });
+                }
+                for (auto& thread : pool) thread.join();
+            }
+}
+
+// Every lane of the warp publishes `bytes` of its own; read(lane) sees any lane's.
+inline void publish(const void* data, size_t bytes) {
+    std::memcpy(warp().slots[lane], data, bytes);
+    warp().barrier.arrive_and_wait();
+}
+inline const void* published(int source_lane) { return warp().slots[source_lane]; }
+inline void done_reading() { warp().barrier.arrive_and_wait(); }
+
+template <typename T>
+T shuffle(T value, int source_lane) {
+    static_assert(sizeof(T) <= 64, "shuffle of a type over 64 bytes");
+    publish(&value, sizeof(T));
+    T result = value;
+    if (source_lane >= 0 && source_lane < warp().size)
+        std::memcpy(&result, published(source_lane), sizeof(T));
+    done_reading();
+    return result;
+}
+
+inline float half_at(uint32_t word, int which) {
+    uint16_t bits = uint16_t(which ? word >> 16 : word & 0xffffu);
+    gie_half value;
+    std::memcpy(&value, &bits, 2);
+    return static_cast<float>(value);
+}
+
+inline int s8_at(uint32_t word, int which) { return int(int8_t((word >> (8 * which)) & 0xffu)); }
+
+}  // namespace gie_shim
+
+#define threadIdx (gie_shim::thread_idx)
+#define blockIdx (gie_shim::block_idx)
+#define blockDim (gie_shim::block_dim)
+#define gridDim (gie_shim::grid_dim)
+
+inline void __syncthreads() { gie_shim::block->barrier.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { gie_shim::warp().barrier.arrive_and_wait(); }
+
+template <typename T>
+T __shfl_sync(unsigned, T value, int source_lane, int = 32) {
+    return gie_shim::shuffle(value, source_lane);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
+    return gie_shim::shuffle(value, gie_shim::lane ^ lane_mask);
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T value, unsigned delta, int = 32) {
+    const int source = gie_shim::lane + int(delta);
+    return gie_shim::shuffle(value, source < gie_shim::warp().size ? source : gie_shim::lane);
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T value, unsigned delta, int = 32) {
+    const int source = gie_shim::lane - int(delta);
+    return gie_shim::shuffle(value, source >= 0 ? source : gie_shim::lane);
+}
+
+template <typename T>
+T atomicAdd(T* address, T value) {
+    return std::atomic_ref<T>(*address).fetch_add(value);
+}
+template <typename T>
+T atomicMax(T* address, T value) {
+    std::atomic_ref<T> target(*address);
+    T old = target.load();
+    while (old < value && !target.compare_exchange_weak(old, value)) {
+    }
+    return old;
+}
+template <typename T>
+T atomicExch(T* address, T value) {
+    return std::atomic_ref<T>(*address).exchange(value);
+}
+template <typename T>
+T atomicCAS(T* address, T compare, T value) {
+    std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+    return compare;
+}
+
+// --------------------------------------------------------------------------- tensor cores
+// The prelude's wrappers, per the PTX fragment layouts (see gie_prelude.cuh); g = lane / 4,
+// t = lane % 4. Each is a warp-collective: all 32 lanes must call it together.
+
+inline void gie_mma_m16n8k16_f16_f32(float d[4], const unsigned a[4], const unsigned b[2],
+                                     const float c[4]) {
+    using namespace gie_shim;
+    if (warp().size != 32) { std::fprintf(stderr, "mma needs a full warp\n"); std::abort(); }
+    uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    publish(mine, sizeof(mine));
+    auto word = [](int owner, int index) {
+        uint32_t value;
+        std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
+        return value;
+    };
+    auto a_at = [&](int row, int k) {  // A[row][k]
+        const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+        return half_at(word((row % 8) * 4 + (k % 8) / 2, reg), k % 2);
+    };
+    auto b_at = [&](int k, int col) {  // B[k][col]
+        return half_at(word(col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0)), k % 2);
+    };
+    const int g = lane / 4, t = lane % 4;
+    float result[4];
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + (e / 2) * 8, col = t * 2 + e % 2;
+        float sum = 0.0f;
+        for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+        result[e] = sum + c[e];
+    }
+    done_reading();
+    for (int e = 0; e < 4; ++e) d[e] = result[e];
+}
+
+inline void gie_mma_m16n8k32_s8_s32(int d[4], const unsigned a[4], const unsigned b[2],
+                                    const int c[4]) {
+    using namespace gie_shim;
+    uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    publish(mine, sizeof(mine));
+    auto word = [](int owner, int index) {
+        uint32_t value;
+        std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
+        return value;
+    };
+    auto a_at = [&](int row, int k) {  // a0: row g, k 4t..4t+3; a1: row g+8; a2/a3: k + 16
+        const int reg = (row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
+        return s8_at(word((row % 8) * 4 + (k % 16) / 4, reg), k % 4);
+    };
+    auto b_at = [&](int k, int col) {  // b0: k 4t..4t+3, col g; b1: k + 16
+        return s8_at(word(col * 4 + (k % 16) / 4, 4 + (k >= 16 ? 1 : 0)), k % 4);
+    };
+    const int g = lane / 4, t = lane % 4;
+    int result[4];
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + (e / 2) * 8, col = t * 2 + e % 2;
+        int sum = 0;
+        for (int k = 0; k < 32; ++k) sum += a_at(row, k) * b_at(k, col);
+        result[e] = sum + c[e];
+    }
+    done_reading();
+    for (int e = 0; e < 4; ++e) d[e] = result[e];
+}
+
+inline void gie_mma_sp_m16n8k32_f16_f32(float[4], const unsigned[4], const unsigned[4],
+                                        const float[4], unsigned) {
+    std::fprintf(stderr, "gie_cpu_shim: mma.sp is not emulated yet\n");
+    std::abort();
+}
+
+inline void gie_ldmatrix_x4(unsigned r[4], const void* shared_row) {
+    using namespace gie_shim;
+    publish(&shared_row, sizeof(shared_row));
+    for (int j = 0; j < 4; ++j) {
+        const char* row;
+        std::memcpy(&row, published(j * 8 + lane / 4), sizeof(row));
+        std::memcpy(&r[j], row + (lane % 4) * 4, 4);
+    }
+    done_reading();
+}
+
+inline void gie_ldmatrix_x2_trans(unsigned r[2], const void* shared_row) {
+    using namespace gie_shim;
+    publish(&shared_row, sizeof(shared_row));
+    for (int j = 0; j < 2; ++j) {
+        uint16_t halves[2];
+        for (int h = 0; h < 2; ++h) {
+            const char* row;
+            std::memcpy(&row, published(j * 8 + (lane % 4) * 2 + h), sizeof(row));
+            std::memcpy(&halves[h], row + (lane / 4) * 2, 2);
+        }
+        r[j] = uint32_t(halves[0]) | (uint32_t(halves[1]) << 16);
+    }
+    done_reading();
+}
+
+inline void gie_cp_async_16(void* shared_destination, const void* global_source) {
+    std::memcpy(shared_destination, global_source, 16);
+}
+inline void gie_cp_async_commit() {}
+inline void gie_cp_async_wait_all() {}
