@@ -73,15 +73,19 @@ def _run(kernel, inputs, out_shape, out_dtype, shim_cache, strided=True):
     return out
 
 
-def test_every_operator_compiles_and_matches_the_reference(nvrtc_cache, shim_cache) -> None:
-    inputs = [RNG.standard_normal(s).astype(np.float32) for s in ((2, 3, 4), (3, 1), (4,))]
+@pytest.mark.parametrize(("dtype", "tolerance"), [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_every_operator_compiles_and_matches_the_reference(
+    nvrtc_cache, shim_cache, dtype, tolerance
+) -> None:
+    inputs = [RNG.standard_normal(s).astype(dtype) for s in ((2, 3, 4), (3, 1), (4,))]
     kernel = pointwise_codegen.generate(EVERY_OPERATOR, [x.dtype for x in inputs], rank=3)
     for arch in nvrtc.DEFAULT_ARCHS:
         result = nvrtc.compile_source(kernel.source, f"{kernel.name}.cu", arch, cache=nvrtc_cache)
         assert {kernel.contiguous_entry, kernel.strided_entry} <= set(result.resources)
-    out = _run(kernel, inputs, (2, 3, 4), np.float32, shim_cache)
+    out = _run(kernel, inputs, (2, 3, 4), dtype, shim_cache)
     expected = evaluate(parse_expression(EVERY_OPERATOR), inputs)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert expected.dtype == dtype
+    np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
 
 def test_fp16_in_fp32_math_rounds_once_and_contiguous_entry(shim_cache) -> None:
