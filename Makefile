@@ -94,4 +94,4 @@ bench: setup
 	$(PY) bench/cpu_vs_onnxruntime.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache studio/labextension extension/node_modules extension/lib
