@@ -60,7 +60,9 @@ demo: setup
 	  echo "== gie export-qdq $(OUT)/model_int8.gie" && \
 	  $(VENV)/bin/gie export-qdq $(OUT)/model_int8.gie -o $(OUT)/model_int8_qdq.onnx; \
 	fi && \
-	echo "wrote $(OUT)/: optimized.onnx, steps.json, model.gie, timing_cache.json (+ int8 engine, calibration cache, QDQ model)"
+	echo "== python -m studio $$model --out $(OUT)/studio (session: engine, recipe, QDQ, report)" && \
+	$(PY) -m studio "$$model" --out $(OUT)/studio --fp16 && \
+	echo "wrote $(OUT)/: optimized.onnx, steps.json, model.gie, timing_cache.json (+ int8 engine, calibration cache, QDQ model) and $(OUT)/studio/report.html (open it offline, or: make lab)"
 
 # The browser tests (tests/e2e) drive Debian's chromium; install it when missing and we are
 # root, else they skip with the reason. Never `playwright install` (no downloaded browsers).
