@@ -237,14 +237,15 @@ class Session:
             self._feeds = self.reference().example_feeds(seed=0)
         return self._feeds
 
-    def _needs_int8(self, config: BuilderConfig) -> bool:
-        return Precision.INT8 in config.precisions or any(
-            p == Precision.INT8 for _, p in config.layer_precisions
-        )
+    def _needs_calibration(self, config: BuilderConfig) -> bool:
+        """int8 needs scales; fp16 with the overflow fallback needs activation ranges."""
+        requested = {p for _, p in config.layer_precisions} | set(config.precisions)
+        fp16 = Precision.FP16 in requested and config.fp16_overflow_fallback
+        return Precision.INT8 in requested or fp16
 
     def _build(self, config: BuilderConfig) -> Engine:
         build_config = config.with_changes(optimization_level="O0")
-        if self._needs_int8(config) and self._calibration is None:
+        if self._needs_calibration(config) and self._calibration is None:
             data = self.calibration_data
             if data is None:
                 data = [self.feeds]

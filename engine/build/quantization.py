@@ -77,8 +77,10 @@ def gather_scales(
             ),
             None,
         )
-    fp16_fallback = Precision.FP16 in config.precisions and config.fp16_overflow_fallback
-    if not wants_int8(config) and not (fp16_fallback and calibration_data is not None):
+    requested = set(config.precisions) | {p for _, p in config.layer_precisions}
+    fp16_fallback = Precision.FP16 in requested and config.fp16_overflow_fallback
+    have_data = calibration_data is not None or calibration is not None
+    if not wants_int8(config) and not (fp16_fallback and have_data):
         return QuantScales(), None
     cache = config.calibration_cache_path
     if calibration is not None:

@@ -57,6 +57,8 @@ class _Accumulator:
             return math.inf
         if self.ref_sq == 0.0:
             return -math.inf
+        if not (math.isfinite(self.ref_sq) and math.isfinite(self.err_sq)):
+            return math.nan  # non-finite values (an fp16 overflow): no meaningful SQNR
         return 10.0 * math.log10(self.ref_sq / self.err_sq)
 
     @property
@@ -65,6 +67,8 @@ class _Accumulator:
             return 1.0
         if self.ref_sq == 0.0 or self.x_sq == 0.0:
             return 0.0
+        if not all(math.isfinite(v) for v in (self.ref_sq, self.x_sq, self.dot)):
+            return math.nan
         return self.dot / math.sqrt(self.ref_sq * self.x_sq)
 
 

@@ -329,3 +329,12 @@ def test_auto_mixed_precision_reports_an_impossible_budget_honestly(fallback: Pr
     assert {layer.name for layer in compute if layer.precision == INT8} == set(result.int8_layers)
     if fallback == FP32:
         assert result.met and result.int8_layers == [] and result.achieved == 1.0
+
+
+def test_non_finite_outputs_give_nan_metrics_instead_of_an_error() -> None:
+    from engine.quantize.accuracy import output_errors
+
+    reference = {"y": np.array([1.0, 2.0, 3.0], dtype=np.float32)}
+    overflowed = {"y": np.array([1.0, np.inf, np.nan], dtype=np.float32)}
+    error = output_errors(reference, overflowed)["y"]
+    assert np.isnan(error.cosine) and np.isnan(error.sqnr_db)

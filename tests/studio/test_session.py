@@ -248,3 +248,33 @@ def test_python_m_studio_writes_the_export_folder(resnet, tmp_path) -> None:
         check=False,
     )
     assert missing.returncode == 2 and "nope.onnx" in missing.stderr
+
+
+def test_an_fp16_session_keeps_overflowing_layers_in_fp32() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.full((4, 8), 3000.0, dtype=np.float32)  # logits ~ 1e5: beyond float16
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["logits"], name="fc"),
+            helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=-1),
+        ],
+        "overflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.full((2, 4), 9.0, dtype=np.float32)}
+    config = BuilderConfig(
+        precisions=frozenset({Precision.FP32, Precision.FP16}),
+        tactic_sources=frozenset({"reference"}),
+    )
+    with Session(model, config, feeds=feeds) as session:
+        session.run()
+        engine = session.build()
+        output = engine.run(feeds)["y"]
+        precisions = {layer.name: layer.precision.value for layer in engine.plan.layers}
+    assert np.isfinite(output).all()
+    assert precisions["softmax"] == "fp32" and precisions["fc"] == "fp32"
+    assert "overflows fp16" in engine.plan.layer("softmax").precision_reason
