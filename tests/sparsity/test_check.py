@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
+from sparse_models import graph_model
 
 from engine.onnx_io import load
 from engine.ops.registry import GIE_DOMAIN
@@ -27,15 +28,7 @@ def _model(
     consts: dict[str, np.ndarray],
     outputs: list[str],
 ) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(a, n) for n, a in consts.items()],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(GIE_DOMAIN, 1)]
-    return helper.make_model(graph, opset_imports=opsets)
+    return graph_model(nodes, inputs, consts, outputs)
 
 
 def test_conv_matrix_is_input_channels_per_filter_and_kernel_offset() -> None:

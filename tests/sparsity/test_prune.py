@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from onnx import helper, numpy_helper
+from onnx import helper
+from sparse_models import graph_model
 
 from engine.backends.numpy_ref.interpreter import run_model
 from engine.onnx_io import load
@@ -33,15 +34,7 @@ def _model(
     consts: dict[str, np.ndarray],
     outputs: list[str],
 ) -> ir.Model:
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(a, n) for n, a in consts.items()],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(GIE_DOMAIN, 1)]
-    return load(helper.make_model(graph, opset_imports=opsets))
+    return load(graph_model(nodes, inputs, consts, outputs))
 
 
 def _weights(model: ir.Model) -> dict[str, np.ndarray]:
