@@ -8,7 +8,7 @@ MODEL ?=
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test lint format lab conformance bench clean extension chromium
+.PHONY: setup demo test lint format lab conformance bench clean extension chromium gpu-check
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -94,6 +94,11 @@ conformance: setup
 
 bench: setup
 	$(PY) bench/cpu_vs_onnxruntime.py
+
+# The CUDA checks for an H100/H200 (engine/backends/cuda/gpu_check.py): results JSON in $OUT
+# (or out/gpu-check); without a GPU it writes {"gpu": null, "reason": ...} and succeeds.
+gpu-check: setup
+	$(PY) -m engine.backends.cuda.gpu_check --out "$${OUT:-out/gpu-check}"
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache studio/labextension extension/node_modules extension/lib

@@ -239,7 +239,11 @@ class _Rewriter:
     def producer_format(self, value: ir.Value) -> _Format | None:
         if value in self.format:
             return self.format[value]
-        kind = _float_kind(value.dtype if value.producer() else self.dtype(value))
+        # A value's own dtype when set (fp16 layers set float16 on their outputs), else the
+        # dtype shape inference gave it (a model that never went through engine.onnx_io.load
+        # may carry no value types at all).
+        dtype = value.dtype if value.producer() and value.dtype is not None else self.dtype(value)
+        kind = _float_kind(dtype)
         if kind is None:
             return None
         return _Format(kind)

@@ -310,3 +310,21 @@ def test_int8_gemm_and_matmul_layers_follow_the_int8_contract() -> None:
     acc2 = r_q.astype(np.float64) @ quantize(wm, ws_m, axis=1).astype(np.float64)
     want = acc2.astype(np.float32) * (s_r * ws_m)
     np.testing.assert_array_equal(engine.run(data[0])["y"], want)
+
+
+def test_int8_build_of_a_model_without_value_types_quantizes_every_int8_input() -> None:
+    """A model straight from onnx-ir (no engine.onnx_io.load, so no value types) still gets a
+    QuantizeLinear before every int8 layer whose input a float layer produces."""
+    from engine import zoo
+
+    proto = zoo.build("resnet")
+    calibration = [zoo.make_inputs(proto, seed=s) for s in range(2)]
+    config = BuilderConfig(
+        precisions=frozenset({Precision.FP32, Precision.INT8}),
+        tactic_sources=frozenset({"reference"}),
+    )
+    engine = build(ir.serde.deserialize_model(proto), config, calibration_data=calibration)
+    for layer in engine.plan.layers:
+        if layer.op_type in ("QConv", "QGemm"):
+            assert engine.plan.specs[layer.inputs[0]].dtype == ir.DataType.INT8, layer.name
+    assert np.isfinite(engine.run(calibration[0])["output"]).all()

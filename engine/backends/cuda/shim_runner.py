@@ -52,6 +52,7 @@ _POINTEES: dict[str, np.dtype] = {
     "int": np.dtype(np.int32),
     "unsigned": np.dtype(np.uint32),
     "long long": np.dtype(np.int64),
+    "signed char": np.dtype(np.int8),
 }
 
 

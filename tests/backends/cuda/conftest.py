@@ -14,12 +14,20 @@ import pytest
 from engine.backends.cuda import nvrtc, shim_runner
 
 
+def _cache_folder(request: pytest.FixtureRequest, name: str) -> Path:
+    """pytest's cache folder, or a session temp folder when the cache plugin is off."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir(name))
+    return request.getfixturevalue("tmp_path_factory").mktemp(name)
+
+
 @pytest.fixture(scope="session")
 def nvrtc_cache(request: pytest.FixtureRequest) -> nvrtc.CompileCache:
     reason = nvrtc.nvrtc_available()
     if reason is not None:
         pytest.skip(reason)
-    return nvrtc.CompileCache(request.config.cache.mkdir("gie-cuda-nvrtc"))
+    return nvrtc.CompileCache(_cache_folder(request, "gie-cuda-nvrtc"))
 
 
 @pytest.fixture(scope="session")
@@ -27,4 +35,4 @@ def shim_cache(request: pytest.FixtureRequest) -> Path:
     reason = shim_runner.compiler_available()
     if reason is not None:
         pytest.skip(reason)
-    return request.config.cache.mkdir("gie-cuda-shim")
+    return _cache_folder(request, "gie-cuda-shim")

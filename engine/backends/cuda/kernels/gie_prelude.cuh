@@ -16,6 +16,10 @@ typedef __half gie_half;
 #define GIE_DEVICE __device__ __forceinline__
 GIE_DEVICE float gie_h2f(gie_half value) { return __half2float(value); }
 GIE_DEVICE gie_half gie_f2h(float value) { return __float2half_rn(value); }
+// Two halves as one 32-bit fragment register (lo in bits 0..15), as mma.sync operands hold them.
+GIE_DEVICE unsigned gie_pack_half2(gie_half lo, gie_half hi) {
+    return unsigned(__half_as_ushort(lo)) | (unsigned(__half_as_ushort(hi)) << 16);
+}
 #endif
 
 // --------------------------------------------------------------------------- loads/stores
@@ -55,6 +59,38 @@ GIE_DEVICE float gie_activate(float x, int activation, float alpha, float beta) 
         default: return x;
     }
 }
+
+// --------------------------------------------------------------------------- int8 epilogue
+// The int8 layers' requantization, bit-exact with engine/ops/gie_quant.py (gie::QConv/QGemm/
+// QMatMul): int32 saturating bias add, float32 real value, int8 output rintf + saturate.
+// __fmul_rn / __fdiv_rn keep every step a rounded float32 operation (no FMA contraction with
+// a later residual add), as the NumPy reference rounds each one.
+
+// saturate_int32(acc + bias), the sum formed exactly in 64 bits.
+GIE_DEVICE int gie_add_sat_s32(int acc, int bias) {
+    const long long total = (long long)acc + (long long)bias;
+    return total > 2147483647LL ? 2147483647 : (total < -2147483648LL ? (int)(-2147483647 - 1)
+                                                                       : (int)total);
+}
+
+// float32(acc) * float32(x_scale * w_scale): the real value of an int32 accumulator.
+GIE_DEVICE float gie_dequant_acc(int acc, float x_scale, float w_scale) {
+    return __fmul_rn((float)acc, __fmul_rn(x_scale, w_scale));
+}
+
+// saturate_int8(rint(real / y_scale)): float32 division, ties to even, NaN gives 0.
+GIE_DEVICE signed char gie_quant_s8(float real, float y_scale) {
+    const float q = rintf(__fdiv_rn(real, y_scale));
+    if (!(q == q)) return 0;
+    return (signed char)(q > 127.0f ? 127.0f : (q < -128.0f ? -128.0f : q));
+}
+
+// An int8 layer's output store: int8 (requantized with y_scale), float32, or float16.
+GIE_DEVICE void gie_store_q(signed char* pointer, float real, float y_scale) {
+    *pointer = gie_quant_s8(real, y_scale);
+}
+GIE_DEVICE void gie_store_q(float* pointer, float real, float) { *pointer = real; }
+GIE_DEVICE void gie_store_q(gie_half* pointer, float real, float) { *pointer = gie_f2h(real); }
 
 // --------------------------------------------------------------------------- warp reductions
 
@@ -120,7 +156,7 @@ GIE_DEVICE void gie_mma_m16n8k16_f16_f32(float d[4], const unsigned a[4], const 
           "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 
-// D = A * B + C, s8 inputs, s32 accumulate (m16n8k32). Not used by a kernel yet.
+// D = A * B + C, s8 inputs, s32 accumulate (m16n8k32). Used by gemm_int8.cu.
 GIE_DEVICE void gie_mma_m16n8k32_s8_s32(int d[4], const unsigned a[4], const unsigned b[2],
                                         const int c[4]) {
     asm volatile(
@@ -132,7 +168,7 @@ GIE_DEVICE void gie_mma_m16n8k32_s8_s32(int d[4], const unsigned a[4], const uns
 }
 
 // 2:4 sparse D = A * B + C, f16 (A compressed to 16x16 of a logical 16x32, metadata per
-// thread pair, selector 0). Not used by a kernel yet; the shim does not emulate it.
+// thread pair, selector 0). Used by gemm_sparse.cu; the shim emulates it.
 GIE_DEVICE void gie_mma_sp_m16n8k32_f16_f32(float d[4], const unsigned a[4], const unsigned b[4],
                                             const float c[4], unsigned metadata) {
     asm volatile(
@@ -142,6 +178,20 @@ GIE_DEVICE void gie_mma_sp_m16n8k32_f16_f32(float d[4], const unsigned a[4], con
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
           "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
           "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]), "r"(metadata));
+}
+
+// 2:4 sparse D = A * B + C, s8 inputs, s32 accumulate (m16n8k64): A compressed to 16x32 s8 of
+// a logical 16x64 (fragment as the dense m16n8k32 s8 A), B 64x8 in 4 registers (b[j] holds
+// k = 16 j + 4 tig .. +3 of column groupID), metadata from all four threads of a group.
+GIE_DEVICE void gie_mma_sp_m16n8k64_s8_s32(int d[4], const unsigned a[4], const unsigned b[4],
+                                           const int c[4], unsigned metadata) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k64.row.col.s32.s8.s8.s32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%12,%13,%14,%15}, %16, 0x0;\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
+          "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+          "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]), "r"(metadata));
 }
 
 // Four 8x8 b16 matrices from shared memory; lane l gives the address of row l % 8 of

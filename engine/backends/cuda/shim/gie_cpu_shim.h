@@ -6,9 +6,9 @@
 // never completed), and warp shuffles exchange values through a per-warp slot array with a
 // per-warp barrier. The prelude's tensor-core wrappers (gie_prelude.cuh, skipped under
 // GIE_CPU_SHIM) are re-implemented here from the PTX fragment layouts: mma.sync m16n8k16 f16,
-// m16n8k32 s8, ldmatrix x4 / x2.trans, cp.async (a synchronous copy). mma.sp is not emulated
-// (it aborts). What this cannot check: performance, races the barrier hides, exact
-// tensor-core rounding (products are summed in fp32 in k order).
+// m16n8k32 s8, mma.sp m16n8k32 f16 and m16n8k64 s8 (2:4 sparse, selector 0), ldmatrix x4 /
+// x2.trans, cp.async (a synchronous copy). What this cannot check: performance, races the
+// barrier hides, exact tensor-core rounding (products are summed in fp32 in k order).
 //
 // A thread that returns early leaves its block and warp barriers (arrive_and_drop), as an
 // exited thread does not block bar.sync on Volta and later.
@@ -53,6 +53,15 @@ inline gie_half gie_f2h(float value) { return static_cast<gie_half>(value); }
 inline float __half2float(gie_half value) { return static_cast<float>(value); }
 inline gie_half __float2half_rn(float value) { return static_cast<gie_half>(value); }
 inline float rsqrtf(float value) { return 1.0f / std::sqrt(value); }
+// Rounded float32 operations (g++ for the default x86-64 target emits no FMA to contract into).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline unsigned gie_pack_half2(gie_half lo, gie_half hi) {
+    uint16_t bits[2];
+    std::memcpy(&bits[0], &lo, 2);
+    std::memcpy(&bits[1], &hi, 2);
+    return unsigned(bits[0]) | (unsigned(bits[1]) << 16);
+}
 
 namespace gie_shim {
 
@@ -300,10 +309,91 @@ inline void gie_mma_m16n8k32_s8_s32(int d[4], const unsigned a[4], const unsigne
     for (int e = 0; e < 4; ++e) d[e] = result[e];
 }
 
-inline void gie_mma_sp_m16n8k32_f16_f32(float[4], const unsigned[4], const unsigned[4],
-                                        const float[4], unsigned) {
-    std::fprintf(stderr, "gie_cpu_shim: mma.sp is not emulated yet\n");
-    std::abort();
+// 2:4 sparse mma (mma.sp::ordered_metadata, sparsity selector 0), per the PTX ISA sparse
+// fragment layouts. Metadata: a 4-bit nibble i0 | i1 << 2 per group of 4 logical columns, the
+// in-group columns of the group's two kept values (compressed columns 2j, 2j + 1 of group j).
+//   f16 m16n8k32: A is the compressed 16x16 (fragment as dense m16n8k16 A), B 32x8 with
+//     b[j] = B[2t + 8j .. +1][g]; thread 4g + 0 holds the nibbles of columns 0..15 and thread
+//     4g + 1 those of columns 16..31, rows g (bits 0..15) and g + 8 (bits 16..31); threads
+//     4g + 2 and 4g + 3 are not read.
+//   s8 m16n8k64: A is the compressed 16x32 s8 (fragment as dense m16n8k32 s8 A), B 64x8 with
+//     b[j] = B[16j + 4t .. +3][g]; thread 4g + 0: row g, columns 0..31; 4g + 1: row g + 8,
+//     columns 0..31; 4g + 2: row g, columns 32..63; 4g + 3: row g + 8, columns 32..63.
+// Products are summed in k order (fp32 for f16, exact int32 for s8).
+inline void gie_mma_sp_m16n8k32_f16_f32(float d[4], const unsigned a[4], const unsigned b[4],
+                                        const float c[4], unsigned metadata) {
+    using namespace gie_shim;
+    if (warp().size != 32) { std::fprintf(stderr, "mma.sp needs a full warp\n"); std::abort(); }
+    uint32_t mine[9] = {a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], metadata};
+    publish(mine, sizeof(mine));
+    auto word = [](int owner, int index) {
+        uint32_t value;
+        std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
+        return value;
+    };
+    auto a_at = [&](int row, int kc) {  // compressed A[row][kc], kc in 0..15
+        const int reg = (row >= 8 ? 1 : 0) + (kc >= 8 ? 2 : 0);
+        return half_at(word((row % 8) * 4 + (kc % 8) / 2, reg), kc % 2);
+    };
+    auto b_at = [&](int k, int col) {  // B[k][col], k in 0..31
+        return half_at(word(col * 4 + (k % 8) / 2, 4 + k / 8), k % 2);
+    };
+    auto nibble = [&](int row, int group) {  // group in 0..7
+        const uint32_t meta = word((row % 8) * 4 + group / 4, 8);
+        return int((meta >> ((row >= 8 ? 16 : 0) + 4 * (group % 4))) & 0xfu);
+    };
+    const int g = lane / 4, t = lane % 4;
+    float result[4];
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + (e / 2) * 8, col = t * 2 + e % 2;
+        float sum = 0.0f;
+        for (int group = 0; group < 8; ++group) {
+            const int bits = nibble(row, group);
+            sum += a_at(row, 2 * group) * b_at(4 * group + (bits & 3), col);
+            sum += a_at(row, 2 * group + 1) * b_at(4 * group + (bits >> 2), col);
+        }
+        result[e] = sum + c[e];
+    }
+    done_reading();
+    for (int e = 0; e < 4; ++e) d[e] = result[e];
+}
+
+inline void gie_mma_sp_m16n8k64_s8_s32(int d[4], const unsigned a[4], const unsigned b[4],
+                                       const int c[4], unsigned metadata) {
+    using namespace gie_shim;
+    if (warp().size != 32) { std::fprintf(stderr, "mma.sp needs a full warp\n"); std::abort(); }
+    uint32_t mine[9] = {a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], metadata};
+    publish(mine, sizeof(mine));
+    auto word = [](int owner, int index) {
+        uint32_t value;
+        std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
+        return value;
+    };
+    auto a_at = [&](int row, int kc) {  // compressed A[row][kc], kc in 0..31
+        const int reg = (row >= 8 ? 1 : 0) + (kc >= 16 ? 2 : 0);
+        return s8_at(word((row % 8) * 4 + (kc % 16) / 4, reg), kc % 4);
+    };
+    auto b_at = [&](int k, int col) {  // B[k][col], k in 0..63
+        return s8_at(word(col * 4 + (k % 16) / 4, 4 + k / 16), k % 4);
+    };
+    auto nibble = [&](int row, int group) {  // group in 0..15
+        const int owner = (row % 8) * 4 + (row >= 8 ? 1 : 0) + (group >= 8 ? 2 : 0);
+        return int((word(owner, 8) >> (4 * (group % 8))) & 0xfu);
+    };
+    const int g = lane / 4, t = lane % 4;
+    int result[4];
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + (e / 2) * 8, col = t * 2 + e % 2;
+        int sum = 0;
+        for (int group = 0; group < 16; ++group) {
+            const int bits = nibble(row, group);
+            sum += a_at(row, 2 * group) * b_at(4 * group + (bits & 3), col);
+            sum += a_at(row, 2 * group + 1) * b_at(4 * group + (bits >> 2), col);
+        }
+        result[e] = sum + c[e];
+    }
+    done_reading();
+    for (int e = 0; e < 4; ++e) d[e] = result[e];
 }
 
 inline void gie_ldmatrix_x4(unsigned r[4], const void* shared_row) {
