@@ -46,6 +46,26 @@ export function nodeProvenance(node: SessionNode, step: SessionStep | null): str
 }
 
 /** The provenance text of position `k` (what step `k - 1` did). */
+/** What a node-less step did to the constants ("dropped 50 unused constants: a, b, c, ..."). */
+function constantsText(step: SessionStep): string | null {
+  const list = (key: string): string[] => {
+    const value = step[key];
+    return Array.isArray(value) ? value.filter((v): v is string => typeof v === 'string') : [];
+  };
+  const shown = (names: string[]): string =>
+    names.slice(0, 3).join(', ') + (names.length > 3 ? ', ...' : '');
+  const dropped = list('initializers_removed');
+  const created = list('initializers_added');
+  const parts: string[] = [];
+  if (dropped.length > 0) {
+    parts.push(`dropped ${dropped.length} unused constant(s): ${shown(dropped)}`);
+  }
+  if (created.length > 0) {
+    parts.push(`created ${created.length} constant(s): ${shown(created)}`);
+  }
+  return parts.length > 0 ? parts.join('; ') : null;
+}
+
 export function provenanceText(payload: SessionPayload, k: number): string {
   const step = k > 0 ? payload.steps[k - 1] : undefined;
   if (step === undefined) {
@@ -53,8 +73,11 @@ export function provenanceText(payload: SessionPayload, k: number): string {
   }
   const parts = step.added.map(added => addedProvenance(added, step.provenance[added] ?? [], step, null));
   if (parts.length === 0) {
-    const removed = step.removed.length > 0 ? step.removed.join(', ') : 'nothing';
-    parts.push(`removed ${removed}${byRule(step, null)}`);
+    if (step.removed.length > 0) {
+      parts.push(`removed ${step.removed.join(', ')}${byRule(step, null)}`);
+    } else {
+      parts.push(`${constantsText(step) ?? 'changed no node'}${byRule(step, null)}`);
+    }
   }
   return parts.join('; ');
 }
