@@ -36,12 +36,13 @@ import onnx
 import onnx_ir as ir
 
 from engine.build.estimate import estimate_latency
+from engine.build.quantization import needs_calibration
 from engine.builder import build
 from engine.config import BuilderConfig, Precision
 from engine.onnx_io import load
 from engine.passes import replay
 from engine.passes.step import Step
-from engine.quantize.accuracy import LayerError, compare_engines, output_errors
+from engine.quantize.accuracy import LayerError, compare_engines, worst_output_cosine
 from engine.recipe import exact_pattern
 from engine.report import ProfileReport
 from engine.runtime import Engine
@@ -237,15 +238,9 @@ class Session:
             self._feeds = self.reference().example_feeds(seed=0)
         return self._feeds
 
-    def _needs_calibration(self, config: BuilderConfig) -> bool:
-        """int8 needs scales; fp16 with the overflow fallback needs activation ranges."""
-        requested = {p for _, p in config.layer_precisions} | set(config.precisions)
-        fp16 = Precision.FP16 in requested and config.fp16_overflow_fallback
-        return Precision.INT8 in requested or fp16
-
     def _build(self, config: BuilderConfig) -> Engine:
         build_config = config.with_changes(optimization_level="O0")
-        if self._needs_calibration(config) and self._calibration is None:
+        if needs_calibration(config) and self._calibration is None:
             data = self.calibration_data
             if data is None:
                 data = [self.feeds]
@@ -288,9 +283,7 @@ class Session:
         return self._errors
 
     def _cosine(self, engine: Engine) -> float:
-        reference = self.reference().run(self.feeds)
-        errors = output_errors(reference, engine.run(self.feeds))
-        return min((e.cosine for e in errors.values()), default=1.0)
+        return worst_output_cosine(self.reference().run(self.feeds), engine.run(self.feeds))
 
     def _rebuild(self, config: BuilderConfig, change: str) -> RebuildDelta:
         before = self.engine
@@ -360,10 +353,8 @@ class Session:
         }
         base = engines["this"].run(self.feeds)
         cosine = {
-            name: min(
-                (e.cosine for e in output_errors(base, e_.run(self.feeds)).values()), default=1.0
-            )
-            for name, e_ in engines.items()
+            name: worst_output_cosine(base, engine.run(self.feeds))
+            for name, engine in engines.items()
         }
         return Comparison(reports, cosine)
 

@@ -41,6 +41,17 @@ def wants_int8(config: BuilderConfig) -> bool:
     )
 
 
+def wants_fp16_ranges(config: BuilderConfig) -> bool:
+    """fp16 is enabled or requested with the overflow fallback, which needs activation ranges."""
+    requested = set(config.precisions) | {p for _, p in config.layer_precisions}
+    return Precision.FP16 in requested and config.fp16_overflow_fallback
+
+
+def needs_calibration(config: BuilderConfig) -> bool:
+    """Whether a build with ``config`` uses calibration: int8 scales or fp16 ranges."""
+    return wants_int8(config) or wants_fp16_ranges(config)
+
+
 def scales_from_calibration(result: CalibrationResult, source: str) -> QuantScales:
     return QuantScales(
         activation={name: t.scale for name, t in result.tensors.items()},
@@ -77,10 +88,8 @@ def gather_scales(
             ),
             None,
         )
-    requested = set(config.precisions) | {p for _, p in config.layer_precisions}
-    fp16_fallback = Precision.FP16 in requested and config.fp16_overflow_fallback
     have_data = calibration_data is not None or calibration is not None
-    if not wants_int8(config) and not (fp16_fallback and have_data):
+    if not wants_int8(config) and not (wants_fp16_ranges(config) and have_data):
         return QuantScales(), None
     cache = config.calibration_cache_path
     if calibration is not None:
@@ -115,4 +124,10 @@ def gather_scales(
     return scales_from_calibration(result, source), result
 
 
-__all__ = ["gather_scales", "scales_from_calibration", "wants_int8"]
+__all__ = [
+    "gather_scales",
+    "needs_calibration",
+    "scales_from_calibration",
+    "wants_fp16_ranges",
+    "wants_int8",
+]

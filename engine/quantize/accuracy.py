@@ -154,6 +154,13 @@ def output_errors(
     return errors
 
 
+def worst_output_cosine(
+    reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+) -> float:
+    """The lowest cosine over the float outputs (1.0 when there is none)."""
+    return min((e.cosine for e in output_errors(reference, outputs).values()), default=1.0)
+
+
 def compare_engines(
     reference: Engine, engine: Engine, batches: Iterable[Mapping[str, Any]]
 ) -> tuple[list[LayerError], dict[str, TensorError]]:
@@ -230,4 +237,5 @@ __all__ = [
     "first_divergent",
     "output_errors",
     "top1_agreement",
+    "worst_output_cosine",
 ]
