@@ -21,6 +21,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from engine.backends.cuda.engine import CUDA_BACKENDS, CudaEngine
+from engine.backends.cuda.setup import cuda_setup
 from engine.build.log import BuildLog
 from engine.build.memory import plan_memory
 from engine.build.plan import lower, optimization_specs
@@ -134,12 +136,25 @@ def build(
     shapes = {p.input_name: p.opt for p in config.profiles}
     plan = lower(optimized, shapes)
     cache = TimingCache(config.timing_cache_path) if config.timing_cache_path else None
-    stats = select_tactics(plan, config, log, timer=timer, cache=cache, progress=progress)
+    cuda = cuda_setup(config, log, timer) if config.backend in CUDA_BACKENDS else None
+    stats = select_tactics(
+        plan,
+        config,
+        log,
+        timer=cuda.timer if cuda else timer,
+        cache=cache,
+        progress=progress,
+        source=cuda.source if cuda else None,
+    )
     if config.sparsity != SparsityMode.OFF:
         log_sparse_choices(plan, log)
     log.add("tactics", f"{stats.timed} candidates timed, {stats.cache_hits} timing-cache hits")
     memory = plan_memory(plan, config, log=log)
-    engine = Engine(plan, memory, config, log, device_identity(config.backend))
+    if cuda is not None:
+        identity = {**device_identity(config.backend), **cuda.identity}
+        engine: Engine = CudaEngine(plan, memory, config, log, identity, cuda.device)
+    else:
+        engine = Engine(plan, memory, config, log, device_identity(config.backend))
     engine.calibration = calibrated
     engine.precision_decisions = decisions
     engine.quant_scales = quant

@@ -98,6 +98,12 @@ class BuilderConfig:
     the layers whose activations exceeded the float16 range on the calibration data.
     Precision semantics are in :mod:`engine.build.precision`.
 
+    ``backend``: ``numpy`` (the reference backend's tactics), ``cuda`` (CUDA kernels on a GPU
+    through CuPy) or ``cuda-shim`` (the same CUDA kernels compiled for the CPU shim: checks the
+    lowering without a GPU; slow, tiny models only). ``cuda_streams`` is how many CUDA streams
+    independent branches may spread over (1: one stream, program order); ``cuda_graphs``
+    captures a whole run as one CUDA graph when every layer runs on the GPU.
+
     2:4 sparsity (``sparsity``): ``on`` offers the sparse tactic to layers whose weights already
     are 2:4 (kept only when faster); ``force`` first prunes every eligible layer (constant
     weight, K a multiple of 4, not depthwise, at least ``sparsity_min_channels`` input channels:
@@ -122,6 +128,8 @@ class BuilderConfig:
     calibration_cache_path: str | None = None
     fp16_overflow_fallback: bool = True
     sparsity_min_channels: int = 256
+    cuda_streams: int = 1
+    cuda_graphs: bool = True
     extras: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def with_changes(self, **changes: Any) -> BuilderConfig:
@@ -167,6 +175,8 @@ class BuilderConfig:
             "calibration_cache_path": self.calibration_cache_path,
             "fp16_overflow_fallback": self.fp16_overflow_fallback,
             "sparsity_min_channels": self.sparsity_min_channels,
+            "cuda_streams": self.cuda_streams,
+            "cuda_graphs": self.cuda_graphs,
         }
 
     @staticmethod
@@ -193,4 +203,6 @@ class BuilderConfig:
             calibration_cache_path=data.get("calibration_cache_path"),
             fp16_overflow_fallback=bool(data.get("fp16_overflow_fallback", True)),
             sparsity_min_channels=int(data.get("sparsity_min_channels", 256)),
+            cuda_streams=int(data.get("cuda_streams", 1)),
+            cuda_graphs=bool(data.get("cuda_graphs", True)),
         )

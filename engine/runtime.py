@@ -138,7 +138,7 @@ class Engine:
             for v in plan.model.graph.inputs
             if (v.name or "") in plan.inputs
         }
-        self._kernels = [resolve_kernel(layer) for layer in plan.layers]
+        self._kernels = self._resolve_kernels()
         self._release = self._release_lists()
         self._arenas: dict[tuple, _Arena] = {}
         self._values: dict[str, ir.Value] | None = None
@@ -149,6 +149,10 @@ class Engine:
         self.calibration: Any = None
         self.precision_decisions: dict[str, Any] = {}
         self.quant_scales: Any = None
+
+    def _resolve_kernels(self) -> list[Kernel]:
+        """The kernel of every layer (a CUDA engine launches its own instead)."""
+        return [resolve_kernel(layer) for layer in self.plan.layers]
 
     # ------------------------------------------------------------------ description
 
@@ -271,7 +275,9 @@ class Engine:
         arrays are views of the arena, valid only during the call (copy what you keep)."""
         return self._execute(self.check_feeds(feeds), None, on_layer)
 
-    def _arena_for(self, feeds: Mapping[str, np.ndarray]) -> _Arena:
+    def _memory_for(self, feeds: Mapping[str, np.ndarray]) -> tuple[tuple, MemoryPlan | None]:
+        """(key, memory plan) for the feeds' shapes: key () and the built plan when they fit
+        it, else a key of the shapes and None (the caller plans memory for them)."""
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
         planned = self.memory.input_shapes
         fits = all(
@@ -283,10 +289,16 @@ class Engine:
             )
             for name, shape in shapes.items()
         )
-        key: tuple = () if fits else tuple(sorted(shapes.items()))
+        if fits:
+            return (), self.memory
+        return tuple(sorted(shapes.items())), None
+
+    def _arena_for(self, feeds: Mapping[str, np.ndarray]) -> _Arena:
+        key, planned = self._memory_for(feeds)
         arena = self._arenas.get(key)
         if arena is None:
-            memory = self.memory if fits else plan_memory(self.plan, self.config, shapes)
+            shapes = {name: tuple(array.shape) for name, array in feeds.items()}
+            memory = planned or plan_memory(self.plan, self.config, shapes)
             if key and len(self._arenas) > EXTRA_PLANS_KEPT:
                 self._arenas.pop(next(k for k in self._arenas if k))
             arena = self._arenas[key] = _Arena(memory)

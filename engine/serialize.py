@@ -409,6 +409,10 @@ def restore_engine(
                 f"{label}: layer '{layer.name}' has a malformed row in the layer table ({error})"
             ) from error
     try:
+        if config.backend in ("cuda", "cuda-shim"):
+            from engine.backends.cuda.engine import CudaEngine
+
+            return CudaEngine(plan, memory, config, log, dict(device))
         return Engine(plan, memory, config, log, dict(device))
     except ValueError as error:  # e.g. a tactic this engine version does not have
         raise EngineFileError(f"{label}: cannot rebuild the engine: {error}") from error

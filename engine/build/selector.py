@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -108,23 +108,64 @@ def winner_of(candidates: list[TacticTiming]) -> tuple[str, float]:
     return best.tactic, (min(others) - best.median_ms) / best.median_ms * 100.0
 
 
+class TacticSource(Protocol):
+    """Where a backend's tactics come from: the candidates of a layer, why one cannot run it,
+    a ready-to-time run of one, and the timing-cache key of a layer."""
+
+    def candidates(self, layer: Layer, plan: Plan, config: BuilderConfig) -> list[str]: ...
+
+    def why_not(self, layer: Layer, plan: Plan, name: str) -> str | None: ...
+
+    def runner(
+        self, layer: Layer, plan: Plan, name: str, inputs: list[Any]
+    ) -> Callable[[], object]: ...
+
+    def key(self, layer: Layer, plan: Plan) -> dict[str, Any]: ...
+
+
+class NumpyTacticSource:
+    """The NumPy backend's tactics (engine.build.tactics), timed on the host."""
+
+    def __init__(self, config: BuilderConfig) -> None:
+        self.device = device_identity(config.backend)
+
+    def candidates(self, layer: Layer, plan: Plan, config: BuilderConfig) -> list[str]:
+        return candidate_tactics(layer, plan, config)
+
+    def why_not(self, layer: Layer, plan: Plan, name: str) -> str | None:
+        try:
+            return why_not(layer, plan, name)
+        except ValueError as error:
+            return str(error)
+
+    def runner(
+        self, layer: Layer, plan: Plan, name: str, inputs: list[Any]
+    ) -> Callable[[], object]:
+        kernel = make_kernel(layer, name)
+        return lambda: kernel(inputs, layer.attrs, layer.context)
+
+    def key(self, layer: Layer, plan: Plan) -> dict[str, Any]:
+        return timing_key(layer, plan, self.device)
+
+
 def time_candidates(
-    layer: Layer, plan: Plan, candidates: list[str], timer: Timer
+    layer: Layer,
+    plan: Plan,
+    candidates: list[str],
+    timer: Timer,
+    source: TacticSource | None = None,
 ) -> list[TacticTiming] | None:
     """Time every candidate of ``layer`` (None when its input shapes are unknown)."""
     inputs = timing_inputs(layer, plan, seed=layer.index)
     if inputs is None:
         return None
+    source = source or NumpyTacticSource(BuilderConfig())
     timings: list[TacticTiming] = []
     best = math.inf
     for name in candidates:
         limit = 2.0 * best if math.isfinite(best) else None
         try:
-            kernel = make_kernel(layer, name)
-
-            def run(kernel: Any = kernel) -> object:
-                return kernel(inputs, layer.attrs, layer.context)
-
+            run = source.runner(layer, plan, name, inputs)
             samples = timer.time(layer, name, run, abort_above_ms=limit)
         except Exception as error:  # noqa: BLE001 - a failing candidate is recorded, not fatal
             timings.append(TacticTiming(name, -1.0, 0, False, f"failed: {error}"))
@@ -136,13 +177,6 @@ def time_candidates(
     return timings
 
 
-def _pin_refusal(layer: Layer, plan: Plan, tactic: str) -> str | None:
-    try:
-        return why_not(layer, plan, tactic)
-    except ValueError as error:
-        return str(error)
-
-
 def select_tactics(
     plan: Plan,
     config: BuilderConfig,
@@ -150,21 +184,23 @@ def select_tactics(
     timer: Timer | None = None,
     cache: TimingCache | None = None,
     progress: Progress | None = None,
+    source: TacticSource | None = None,
 ) -> SelectionStats:
     """Set ``layer.tactic`` and ``layer.candidates`` for every layer (see the module docstring).
 
     ``timer`` defaults to a :class:`WallClockTimer` with the config's warm-up and iterations;
     ``cache`` to the config's ``timing_cache_path`` (if any). New timings are saved to the
-    cache at the end.
+    cache at the end. ``source`` gives the tactics (default: the NumPy backend's).
     """
-    check_tactic_sources(config.tactic_sources)
+    source = source or NumpyTacticSource(config)
+    if isinstance(source, NumpyTacticSource):
+        check_tactic_sources(config.tactic_sources)
     started = time.perf_counter()
     timer = timer or WallClockTimer(config.timing_warmup, config.timing_iterations)
     if cache is None and config.timing_cache_path:
         cache = TimingCache(config.timing_cache_path)
     for warning in cache.warnings if cache is not None else []:
         log.add(STAGE, warning)
-    device = device_identity(config.backend)
     timed = hits = pinned = single = aborted = 0
     for done, layer in enumerate(plan.layers):
         if progress:
@@ -172,19 +208,19 @@ def select_tactics(
         layer.candidates = []
         pin = config.tactic_pin(layer.name)
         if pin is not None:
-            refusal = _pin_refusal(layer, plan, pin)
+            refusal = source.why_not(layer, plan, pin)
             if refusal is None:
                 layer.tactic = pin
                 pinned += 1
                 log.add(STAGE, f"tactic {pin} pinned", layer.name)
                 continue
             log.add(STAGE, f"pin {pin} ignored: {refusal}", layer.name)
-        candidates = candidate_tactics(layer, plan, config)
+        candidates = source.candidates(layer, plan, config)
         if len(candidates) == 1:
             layer.tactic = candidates[0]
             single += 1
             continue
-        key = timing_key(layer, plan, device)
+        key = source.key(layer, plan)
         stored = cache.lookup(key) if cache is not None else None
         if stored is not None:
             by_name = {t.tactic: t for t in stored[0]}
@@ -199,7 +235,7 @@ def select_tactics(
                     layer.name,
                 )
                 continue
-        timings = time_candidates(layer, plan, candidates, timer)
+        timings = time_candidates(layer, plan, candidates, timer, source)
         if timings is None:
             layer.tactic = "reference"
             log.add(STAGE, "tactic reference kept: input shapes unknown, not timed", layer.name)
@@ -297,8 +333,10 @@ def determinism_check(
 
 
 __all__ = [
+    "NumpyTacticSource",
     "SelectionStats",
     "TacticFlip",
+    "TacticSource",
     "determinism_check",
     "select_tactics",
     "time_candidates",

@@ -241,17 +241,33 @@ CATALOGUE: tuple[CudaTactic, ...] = (
 )  # fmt: skip
 
 
+def full_catalogue() -> tuple[CudaTactic, ...]:
+    """:data:`CATALOGUE` plus the tactics the lowering modules add (cuda.lowerings)."""
+    from engine.backends.cuda.lowerings import extra_tactics
+
+    return (*CATALOGUE, *extra_tactics())
+
+
 def tactics_for(op: str) -> list[CudaTactic]:
     """The catalogue's tactics for a qualified op (``"gie::GemmAct"``)."""
-    return [t for t in CATALOGUE if op in t.ops]
+    return [t for t in full_catalogue() if op in t.ops]
 
 
 def find_tactic(name: str) -> CudaTactic:
     """A tactic by name (ValueError when unknown)."""
-    for tactic in CATALOGUE:
+    for tactic in full_catalogue():
         if tactic.name == name:
             return tactic
     raise ValueError(f"no CUDA tactic {name!r}")
+
+
+def lowering_missing(tactic: CudaTactic) -> str | None:
+    """Why the engine cannot launch the tactic yet (no lowering function for it)."""
+    from engine.backends.cuda.lowerings import all_lowerings
+
+    if tactic.name not in all_lowerings():
+        return f"{tactic.name} has no lowering into launches yet"
+    return None
 
 
 def kernel_missing(tactic: CudaTactic) -> str | None:
@@ -279,7 +295,7 @@ def cuda_why_not(layer: Layer, plan: Plan, name: str, device: DeviceInfo) -> str
     if device.compute_capability < tactic.min_cc:
         major, minor = tactic.min_cc
         return f"{name} needs compute capability {major}.{minor}+, {device.name} is {device.cc}"
-    missing = kernel_missing(tactic)
+    missing = kernel_missing(tactic) or lowering_missing(tactic)
     if missing is not None:
         return missing
     if tactic.library and not device.cupy_version:
@@ -327,6 +343,8 @@ __all__ = [
     "cuda_refusals",
     "cuda_why_not",
     "find_tactic",
+    "full_catalogue",
     "kernel_missing",
+    "lowering_missing",
     "tactics_for",
 ]

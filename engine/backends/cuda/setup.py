@@ -1,0 +1,52 @@
+"""What a build on a CUDA backend needs before tactic selection: the device, its identity, the
+tactic source and the timer (see :mod:`engine.backends.cuda.selection`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.backends.cuda.device_info import DeviceInfo, fake_device
+from engine.backends.cuda.engine import make_device
+from engine.backends.cuda.executor import Device
+from engine.backends.cuda.selection import CudaTacticSource, DeviceClock
+from engine.backends.cuda.timing import CudaEventTimer
+from engine.build.log import BuildLog
+from engine.build.timing import Timer
+from engine.config import BuilderConfig
+
+#: What the CPU shim reports as its device: the compute capability its kernels are checked
+#: against (sm_90: every catalogue tactic is allowed).
+SHIM_DEVICE = fake_device(name="CPU shim (CUDA kernels on the host)", cupy_version="")
+
+
+@dataclass
+class CudaSetup:
+    device: Device
+    info: DeviceInfo
+    source: CudaTacticSource
+    timer: Timer | None
+    identity: dict[str, str]
+
+
+def cuda_setup(config: BuilderConfig, log: BuildLog, timer: Timer | None) -> CudaSetup:
+    """The device of ``config.backend`` and how its tactics are chosen (logged)."""
+    device = make_device(config.backend)
+    if config.backend == "cuda":
+        info = device.info  # type: ignore[attr-defined]
+        source = CudaTacticSource(info, device, config, log, timed=True)
+        timer = timer or CudaEventTimer(
+            config.timing_warmup, config.timing_iterations, clock=DeviceClock(device), device=info
+        )
+        log.add("tactics", f"CUDA tactics timed with events on {info.name} ({info.arch})")
+    else:
+        info = SHIM_DEVICE
+        source = CudaTacticSource(info, device, config, log, timed=False)
+        log.add(
+            "tactics",
+            "CUDA kernels on the CPU shim: not timed, the first fitting tactic of the catalogue",
+        )
+    identity = {"device": info.name, "compute_capability": info.arch}
+    return CudaSetup(device, info, source, timer, identity)
+
+
+__all__ = ["SHIM_DEVICE", "CudaSetup", "cuda_setup"]
