@@ -70,7 +70,7 @@ from engine.build.sparse_tactics import check_sparse
 from engine.config import BuilderConfig, Precision, SparsityMode
 
 #: Bump when a tactic is added, removed or changes its kernel: it keys the timing cache.
-CATALOGUE_VERSION = "cuda-tactics-2"
+CATALOGUE_VERSION = "cuda-tactics-3"
 
 CUDA_TACTIC_FAMILIES: dict[str, str] = {
     "gemm_simt": "SIMT GEMM tiles with fused epilogue (fp32, fp16 storage)",
@@ -87,6 +87,11 @@ CUDA_TACTIC_FAMILIES: dict[str, str] = {
     "softmax": "row softmax over the last axis",
     "normalization": "LayerNorm (+ residual) and RMSNorm",
     "cublas": "cuBLAS gemmEx through CuPy (fp32, tf32, fp16, int8) and im2col + cuBLAS conv",
+    "attention": "fused flash-style attention (online softmax, masks, causal; SIMT, mma fp16)",
+    "rnn": "LSTM / GRU as one persistent kernel over all time steps",
+    "reshape": "reshape-like ops as a device copy (none when the memory plan aliases them)",
+    "data_movement": "transpose, concat, slice, gather, resize, im2col",
+    "conv_tensor_core": "implicit-GEMM convolution on tensor cores (fp16 mma, int8 IMMA)",
 }
 
 F32, F16, I8 = ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.INT8
