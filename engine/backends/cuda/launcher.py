@@ -47,6 +47,10 @@ POINTEE_DTYPES: dict[str, np.dtype] = {
     "unsigned": np.dtype(np.uint32),
     "long long": np.dtype(np.int64),
     "signed char": np.dtype(np.int8),
+    # The width-generic data-movement kernels (kernels/data_movement.cu, suffixes b1..b8).
+    "unsigned char": np.dtype(np.uint8),
+    "unsigned short": np.dtype(np.uint16),
+    "unsigned long long": np.dtype(np.uint64),
     "int8_t": np.dtype(np.int8),
 }
 

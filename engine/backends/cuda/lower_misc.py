@@ -156,6 +156,33 @@ def _activation(layer: Layer) -> tuple[int, float, float]:
     raise LoweringError(f"no epilogue activation for {op}")
 
 
+def cast_check(layer: Layer, plan: Plan) -> str | None:
+    """Cast from a numeric type to a float type, through the generated identity kernel."""
+    from engine.backends.cuda.pointwise_codegen import OUTPUT_TYPES, STORAGE_TYPES
+
+    source, target = _dtypes(layer, plan)[0], ir.DataType(layer.attrs.int("to", 0))
+    try:
+        wanted = np.dtype(target.numpy())
+    except (TypeError, ValueError):
+        return f"casts to {target.name}"
+    if source not in STORAGE_TYPES or wanted not in OUTPUT_TYPES:
+        return f"casts {source} to {wanted}: generated casts go from numeric to float types"
+    if static_shape(plan, layer.outputs[0]) is None:
+        return "the output shape is not static"
+    return None
+
+
+def lower_cast(ctx: LowerContext) -> None:
+    """Cast as the generated identity kernel (integer loads convert, the store rounds)."""
+    rank = max(1, len(ctx.output_shape(0)))
+    kernel = generate("x0", [ctx.input_dtype(0)], ctx.output_dtype(0), rank)
+    layout = follow_layout(ctx)
+    x, y = ctx.input(0, layout), ctx.output(0, layout)
+    total = math.prod(ctx.output_shape(0))
+    args = (x, y, total)
+    ctx.launch(None, kernel.contiguous_entry, stride_grid(total), (256,), args, text=kernel.source)
+
+
 def lower_bias_act(ctx: LowerContext, entry: str) -> None:
     """elementwise.cu with a null bias: one activation."""
     layout = follow_layout(ctx)
@@ -259,6 +286,8 @@ def _reshape_check(layer: Layer, plan: Plan) -> str | None:
 TACTICS: list[CudaTactic] = [
     CudaTactic("elementwise_generated", "pointwise", ELEMENTWISE_OPS, None, "generated", (),
                elementwise_check, (5, 0), FLOATS, ANY_PRECISION),
+    CudaTactic("cast_generated", "reformat", frozenset({"Cast"}), None, "generated", (),
+               cast_check, (5, 0), frozenset(ir.DataType), ANY_PRECISION),
     CudaTactic("reshape_copy", "reshape", RESHAPE_OPS, None, "copy", (), _reshape_check,
                (5, 0), frozenset(ir.DataType), ANY_PRECISION),
 ]  # fmt: skip
@@ -272,6 +301,7 @@ LOWERINGS: dict[str, LowerFunction] = {
     "pointwise_generated": lower_pointwise,
     "elementwise_generated": lower_pointwise,
     "reshape_copy": lower_reshape,
+    "cast_generated": lower_cast,
 }
 for _tactic in CATALOGUE:
     if _tactic.family in _BY_FAMILY:

@@ -38,7 +38,14 @@ STORAGE_TYPES: dict[np.dtype, str] = {
     np.dtype(np.float32): "float",
     np.dtype(np.float16): "gie_half",
     np.dtype(np.float64): "double",
+    # Integer inputs are loaded as float (a Cast to float through the identity expression).
+    np.dtype(np.int64): "long long",
+    np.dtype(np.int32): "int",
+    np.dtype(np.int8): "signed char",
+    np.dtype(np.uint8): "unsigned char",
 }
+#: Storage types an output may have.
+OUTPUT_TYPES = frozenset({np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)})
 
 #: Ranks up to this are handled by the strided kernel (lower ranks pad with leading 1s).
 MAX_RANK = 6
@@ -130,11 +137,15 @@ def expression_to_c(tree: Expr, wide: bool = False) -> str:
 # --------------------------------------------------------------------------- source
 
 
-def _storage(dtype: np.dtype | str | None) -> str:
+def _storage(dtype: np.dtype | str | None, output: bool = False) -> str:
     resolved = np.dtype(dtype if dtype is not None else np.float32)
-    if resolved not in STORAGE_TYPES:
+    if resolved not in STORAGE_TYPES or (output and resolved not in OUTPUT_TYPES):
+        allowed = "float32, float16, float64" + (
+            "" if output else "; inputs also int64/32/8, uint8"
+        )
         raise UnsupportedPointwiseError(
-            f"no CUDA pointwise kernel for dtype {resolved} (float32, float16, float64 only)"
+            f"no CUDA pointwise kernel for {'output ' if output else ''}dtype {resolved} "
+            f"({allowed})"
         )
     return STORAGE_TYPES[resolved]
 
@@ -154,7 +165,8 @@ def generate(
     text = format_expression(tree)
     in_types = [_storage(d) for d in input_dtypes]
     out_type = _storage(
-        output_dtype if output_dtype is not None else (input_dtypes[0] if input_dtypes else None)
+        output_dtype if output_dtype is not None else (input_dtypes[0] if input_dtypes else None),
+        output=True,
     )
     rank = MAX_RANK if rank is None else max(1, int(rank))
     if rank > MAX_RANK:

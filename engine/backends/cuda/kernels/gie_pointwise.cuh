@@ -30,6 +30,11 @@ GIE_PW F gie_pw_hard_sigmoid(F x, F alpha, F beta) {
 GIE_PW float gie_pw_load(const float* p) { return *p; }
 GIE_PW float gie_pw_load(const gie_half* p) { return gie_h2f(*p); }
 GIE_PW double gie_pw_load(const double* p) { return *p; }
+// Integer storage (Cast to float): converted once, rounding to nearest like ndarray.astype.
+GIE_PW float gie_pw_load(const long long* p) { return (float)*p; }
+GIE_PW float gie_pw_load(const int* p) { return (float)*p; }
+GIE_PW float gie_pw_load(const signed char* p) { return (float)*p; }
+GIE_PW float gie_pw_load(const unsigned char* p) { return (float)*p; }
 GIE_PW void gie_pw_store(float* p, double v) { *p = (float)v; }
 GIE_PW void gie_pw_store(float* p, float v) { *p = v; }
 GIE_PW void gie_pw_store(gie_half* p, float v) { *p = gie_f2h(v); }
