@@ -246,6 +246,61 @@ def lower_cublas(ctx: LowerContext, tactic: CudaTactic) -> None:
         )
 
 
+def lower_im2col_cublas(ctx: LowerContext, tactic: CudaTactic) -> None:
+    """Convolution as im2col (data_movement.cu, NHWC) + one cuBLAS GEMM with the KRSC weight,
+    then the epilogue: bias + activation in place, the residual through beta = 1 (before the
+    activation) or a generated add (after it)."""
+    from engine.backends.cuda.lower_conv import stride_grid, window
+    from engine.backends.cuda.pointwise_codegen import generate
+
+    weight = ctx.constant(1)
+    if weight is None:
+        raise LoweringError("the convolution weight is not a constant")
+    dtype = ctx.input_dtype(0)
+    n, c, h, w = ctx.input_shape(0)
+    m, _, kh, kw = weight.shape
+    g = window(ctx, (kh, kw))
+    pixels, depth = n * g.oh * g.ow, kh * kw * c
+    krsc = np.ascontiguousarray(np.asarray(weight).transpose(0, 2, 3, 1).reshape(m, depth).T)
+    b = ctx.weight(f"{ctx.layer.inputs[1]}:im2col_km:{dtype}", krsc.astype(dtype))
+    x = ctx.input(0, "nhwc")
+    col = ctx.scratch((pixels, depth), dtype)
+    args = (
+        x, col, n, h, w, c, kh, kw, g.oh, g.ow, g.stride_h, g.stride_w, g.pad_top, g.pad_left,
+        g.dil_h, g.dil_w, 0, c, depth,
+    )  # fmt: skip
+    ctx.launch(tactic.kernel_file, tactic.entry, stride_grid(pixels * depth), (256,), args)
+    y = ctx.output(0, "nhwc")
+    flat = DeviceBuffer(y.region, y.offset, y.dtype, (pixels, m))
+    fused = ctx.layer.op_type == "ConvAct"
+    residual = ctx.input(3, "nhwc") if fused else None
+    code, alpha, act_beta, first = _epilogue(ctx)
+    beta = 0.0
+    if residual is not None and (first or not code):
+        ctx.copy(residual, y)
+        beta = 1.0
+    compute = (
+        "fp16" if dtype == np.float16 else ("tf32" if tactic.precisions == {"tf32"} else "fp32")
+    )
+    ctx.steps.append(
+        LibraryGemm(col, b, flat, pixels, m, depth, 1, depth, m, m, 0, 0, 0, 1.0, beta, compute)
+    )
+    bias = _bias(ctx, 2, m, dtype)
+    suffix = "f16" if dtype == np.float16 else "f32"
+    if bias is not None or code:
+        view = (flat, bias, flat, pixels, m, code, alpha, act_beta)
+        ctx.launch(
+            "elementwise.cu", f"gie_bias_act_{suffix}", stride_grid(pixels * m), (256,), view
+        )
+    if residual is not None and beta == 0.0:
+        kernel = generate("add(x0, x1)", [dtype, dtype], dtype, 1)
+        res = DeviceBuffer(residual.region, residual.offset, residual.dtype, (pixels, m))
+        ctx.launch(
+            None, kernel.contiguous_entry, stride_grid(pixels * m), (256,),
+            (flat, res, flat, pixels * m), text=kernel.source,
+        )  # fmt: skip
+
+
 def _bind(function, tactic: CudaTactic) -> LowerFunction:  # type: ignore[no-untyped-def]
     def lower(ctx: LowerContext) -> None:
         function(ctx, tactic)
@@ -262,6 +317,8 @@ def _lowering_for(tactic: CudaTactic) -> LowerFunction | None:
         return _bind(lower_int8_gemm, tactic)
     if tactic.name in COMPUTE:
         return _bind(lower_cublas, tactic)
+    if tactic.name.startswith("im2col_cublas"):
+        return _bind(lower_im2col_cublas, tactic)
     return None
 
 

@@ -171,22 +171,47 @@ def _dtype_name(spec: TensorSpec) -> str:
 
 
 def layout_launch(src: DeviceBuffer, dst: DeviceBuffer) -> KernelLaunch:
-    """The reformat.cu transpose between plain NCHW and NHWC storage of the same tensor."""
-    suffix = {"float32": "f32", "float16": "f16"}.get(src.dtype)
-    if suffix is None or len(src.shape) != 4:
+    """The transpose between plain NCHW and NHWC storage of the same tensor: reformat.cu's
+    tiled kernels for fp32/fp16, data_movement.cu's generic transpose for other widths."""
+    if len(src.shape) != 4:
         raise LoweringError(f"no layout kernel for {src.describe()} -> {dst.layout}")
     n, c, h, w = src.shape
-    hw = h * w
-    direction = "nchw_to_nhwc" if dst.layout == "nhwc" else "nhwc_to_nchw"
-    grid = (-(-hw // 32), -(-c // 32), n)
+    suffix = {"float32": "f32", "float16": "f16"}.get(src.dtype)
+    if suffix is not None:
+        hw = h * w
+        direction = "nchw_to_nhwc" if dst.layout == "nhwc" else "nhwc_to_nchw"
+        return KernelLaunch(
+            KernelSource(file="reformat.cu"),
+            f"gie_{direction}_{suffix}",
+            (-(-hw // 32), -(-c // 32), n),
+            (32, 8, 1),
+            (src, dst, n, c, hw),
+            (src,),
+            (dst,),
+        )
+    from engine.backends.cuda.lower_data_movement import (
+        THREADS,
+        as_bits,
+        blocks_for,
+        transpose_arguments,
+    )
+
+    # Output in memory order: NHWC (perm 0, 2, 3, 1 of NCHW) or NCHW (0, 3, 1, 2 of NHWC).
+    stored = src.stored_shape
+    perm = (0, 2, 3, 1) if dst.layout == "nhwc" else (0, 3, 1, 2)
+    arguments = transpose_arguments(stored, perm)
+    assert arguments is not None
+    count, dims, strides = arguments
+    x, y = as_bits(src), as_bits(dst)
+    width = {1: "b1", 2: "b2", 4: "b4", 8: "b8"}[np.dtype(src.dtype).itemsize]
     return KernelLaunch(
-        KernelSource(file="reformat.cu"),
-        f"gie_{direction}_{suffix}",
-        grid,
-        (32, 8, 1),
-        (src, dst, n, c, hw),
-        (src,),
-        (dst,),
+        KernelSource(file="data_movement.cu"),
+        f"gie_transpose_{width}",
+        (blocks_for(count), 1, 1),
+        (THREADS, 1, 1),
+        (x, y, count, *dims, *strides),
+        (x,),
+        (y,),
     )
 
 

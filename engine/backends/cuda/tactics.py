@@ -170,11 +170,6 @@ CATALOGUE: tuple[CudaTactic, ...] = (
         )
         for bm, bn in ((64, 64), (128, 64))
     ),
-    CudaTactic("conv_igemm_mma_f16", "conv_implicit_gemm", CONV_OPS, "conv_implicit_gemm.cu",
-               "gie_conv_implicit_gemm_mma_f16", (), conv_check(8), (8, 0), F16S, F16_ONLY),
-    CudaTactic("conv_igemm_imma_s8", "conv_implicit_gemm", frozenset({"gie::QConv"}),
-               "conv_implicit_gemm.cu", "gie_conv_implicit_gemm_s8", (),
-               all_of(int8_activation, conv_check(16)), (8, 0), I8S, I8_ONLY),
     CudaTactic("conv_depthwise_f32", "conv_depthwise", CONV_OPS, "conv_depthwise.cu",
                "gie_conv_depthwise_f32", (), conv_check(group="depthwise"), (5, 0)),
     CudaTactic("conv_depthwise_f16", "conv_depthwise", CONV_OPS, "conv_depthwise.cu",
@@ -238,11 +233,11 @@ CATALOGUE: tuple[CudaTactic, ...] = (
                "cublasGemmEx", library="cublas",
                check=all_of(int8_activation, k_multiple_check(4, "cuBLAS int8 needs K % 4 == 0")),
                min_cc=(6, 1), dtypes=I8S, precisions=I8_ONLY),
-    CudaTactic("im2col_cublas_fp32", "cublas", CONV_OPS, "im2col.cu", "gie_im2col_f32",
-               library="cublas", check=conv_check(), min_cc=(5, 0)),
-    CudaTactic("im2col_cublas_fp16", "cublas", CONV_OPS, "im2col.cu", "gie_im2col_f16",
-               library="cublas", check=conv_check(), min_cc=(5, 3), dtypes=F16S,
-               precisions=F16_ONLY),
+    CudaTactic("im2col_cublas_fp32", "cublas", CONV_OPS, "data_movement.cu",
+               "gie_im2col_nhwc_f32", library="cublas", check=conv_check(), min_cc=(5, 0)),
+    CudaTactic("im2col_cublas_fp16", "cublas", CONV_OPS, "data_movement.cu",
+               "gie_im2col_nhwc_f16", library="cublas", check=conv_check(), min_cc=(5, 3),
+               dtypes=F16S, precisions=F16_ONLY),
 )  # fmt: skip
 
 
