@@ -64,6 +64,10 @@ Dims = tuple[int, int, int]
 LaunchFunction = Callable[[Dims, Dims, tuple[Any, ...], int, Any], None]
 
 
+#: Dynamic shared memory (bytes) a kernel may use without opting in.
+STATIC_SHARED_LIMIT = 48 * 1024
+
+
 class LaunchError(ValueError):
     """A launch's arguments or dimensions do not fit the kernel (nothing was launched)."""
 
@@ -158,7 +162,12 @@ def cupy_function(binary: bytes, entry: str) -> LaunchFunction:
     module.load(binary)
     function = module.get_function(entry)
 
+    raised = [STATIC_SHARED_LIMIT]
+
     def launch(grid: Any, block: Any, args: tuple[Any, ...], shared: int, stream: Any) -> None:
+        if shared > raised[0]:  # above 48 KB a kernel must opt in to dynamic shared memory
+            function.max_dynamic_shared_size_bytes = shared
+            raised[0] = shared
         function(grid, block, args, shared_mem=shared, stream=stream)
 
     launch.module = module  # type: ignore[attr-defined] - keep the module loaded

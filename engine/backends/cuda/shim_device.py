@@ -126,7 +126,9 @@ class ShimDevice:
     def _run_launch(self, launch: KernelLaunch) -> None:
         library = self._library(launch.source)
         args = [self._argument(a) for a in launch.args]
-        library.launch(launch.entry, launch.grid, launch.block, args)
+        library.launch(
+            launch.entry, launch.grid, launch.block, args, shared_bytes=launch.shared_bytes
+        )
 
     def _run_copy(self, step: CopyStep) -> None:
         self.view(step.dst).view(np.uint8)[...] = self.view(step.src).view(np.uint8)

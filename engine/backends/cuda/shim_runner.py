@@ -11,6 +11,11 @@ with ``shim/gie_cpu_shim.h`` force-included into a shared library, adding one la
 shim and prelude headers, the flags and the compiler version, in a folder passed in (default
 ``~/.cache/gie-studio/shim``). :meth:`ShimLibrary.launch` checks every NumPy buffer against the
 parameter's pointer type before the call; kernels write their outputs in place.
+
+Dynamic shared memory: a function-scope ``extern __shared__ [__align__(n)] T name[];`` is
+rewritten to ``T* name = reinterpret_cast<T*>(gie_shim::dynamic_shared());`` and
+``launch(..., shared_bytes=)`` sizes the per-block buffer (as cuLaunchKernel's sharedMemBytes).
+``deferred_cp_async=True`` makes cp.async land only at the wait that covers it (see the shim).
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ _POINTEES: dict[str, np.dtype] = {
     "unsigned": np.dtype(np.uint32),
     "long long": np.dtype(np.int64),
     "signed char": np.dtype(np.int8),
+    # The width-generic data-movement kernels (kernels/data_movement.cu, suffixes b1..b8).
+    "unsigned char": np.dtype(np.uint8),
+    "unsigned short": np.dtype(np.uint16),
+    "unsigned long long": np.dtype(np.uint64),
 }
 
 
@@ -82,6 +91,24 @@ class EntryPoint:
 _ENTRY = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)'
 )
+
+
+_DYNAMIC_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?"
+    r"((?:const\s+|unsigned\s+|signed\s+)*\w+)\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?"
+    r"(\w+)\s*\[\s*\]\s*(?:__align__\s*\(\s*\d+\s*\)\s*)?;"
+)
+
+
+def rewrite_dynamic_shared(source: str) -> str:
+    """``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared memory."""
+    return _DYNAMIC_SHARED.sub(
+        lambda m: (
+            f"{m.group(1)}* {m.group(2)} = "
+            f"reinterpret_cast<{m.group(1)}*>(gie_shim::dynamic_shared());"
+        ),
+        source,
+    )
 
 
 def _parameter(text: str) -> Parameter:
@@ -123,6 +150,12 @@ def launcher_source(entries: Sequence[EntryPoint]) -> str:
         'extern "C" void gie_shim_set_barrier_timeout_ms(unsigned milliseconds) {\n'
         "    gie_shim::barrier_timeout_ms = milliseconds;\n}\n"
     )
+    parts.append(
+        'extern "C" void gie_shim_set_dynamic_shared_bytes(unsigned bytes) {\n'
+        "    gie_shim::dynamic_shared_bytes = bytes;\n}\n"
+        'extern "C" void gie_shim_set_deferred_cp_async(int on) {\n'
+        "    gie_shim::deferred_cp_async = on != 0;\n}\n"
+    )
     return "\n// ---- launchers (engine/backends/cuda/shim_runner.py)\n" + "\n".join(parts)
 
 
@@ -157,18 +190,27 @@ class ShimLibrary:
         deadlocked kernel fails fast instead of hanging (default 20 s)."""
         self._library.gie_shim_set_barrier_timeout_ms(ctypes.c_uint(int(seconds * 1000)))
 
+    def set_deferred_cp_async(self, on: bool) -> None:
+        """cp.async copies land only at the gie_cp_async_wait_group / wait_all that covers
+        their commit group (as on the GPU), instead of at once: checks a pipeline's waits."""
+        self._library.gie_shim_set_deferred_cp_async(ctypes.c_int(1 if on else 0))
+
     def launch(
         self,
         entry: str,
         grid: Sequence[int],
         block: Sequence[int],
         args: Sequence[Any],
+        shared_bytes: int = 0,
     ) -> None:
         """Run ``entry`` over ``grid`` blocks of ``block`` threads (1 to 3 numbers each).
 
         Pointer parameters take C-contiguous NumPy arrays of the matching dtype (or None for
-        a null pointer); scalars take Python numbers.
+        a null pointer); scalars take Python numbers. ``shared_bytes``: dynamic shared memory
+        per block (``extern __shared__``), as on the GPU.
         """
+        if shared_bytes < 0:
+            raise ShimError(f"{entry}: shared_bytes must be >= 0, got {shared_bytes}")
         if entry not in self.entries:
             raise ShimError(f"{self.name} has no kernel {entry!r}; it has {sorted(self.entries)}")
         parameters = self.entries[entry].parameters
@@ -184,6 +226,7 @@ class ShimLibrary:
         if dims[3] * dims[4] * dims[5] > 1024:
             raise ShimError(f"{entry}: {dims[3:]} is more than 1024 threads per block")
         launch = (ctypes.c_uint * 6)(*dims)
+        self._library.gie_shim_set_dynamic_shared_bytes(ctypes.c_uint(int(shared_bytes)))
         getattr(self._library, f"gie_launch_{entry}")(launch, pointers)
 
     @staticmethod
@@ -216,7 +259,7 @@ def build(source: str, name: str, cache_dir: str | os.PathLike[str] | None = Non
     entries = entry_points(source)
     if not entries:
         raise ShimError(f'{name} has no extern "C" __global__ kernel')
-    full = source + launcher_source(entries)
+    full = rewrite_dynamic_shared(source) + launcher_source(entries)
     digest = hashlib.sha256()
     headers = [SHIM_HEADER, *sorted(KERNEL_DIR.glob("*.cuh"))]
     for part in (full, *(h.read_text() for h in headers), " ".join(FLAGS), _compiler_version()):

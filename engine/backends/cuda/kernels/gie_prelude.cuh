@@ -209,6 +209,14 @@ GIE_DEVICE void gie_ldmatrix_x2_trans(unsigned r[2], const void* shared_row) {
                  : "r"(gie_shared_address(shared_row)));
 }
 
+// Four 8x8 b16 matrices, transposed on the way (lanes 8 j .. 8 j + 7 give the rows of matrix
+// j; r[j] as gie_ldmatrix_x2_trans's): two k16 x n8 B fragments of a row-major [k][n] tile.
+GIE_DEVICE void gie_ldmatrix_x4_trans(unsigned r[4], const void* shared_row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(gie_shared_address(shared_row)));
+}
+
 // 16-byte asynchronous copy global -> shared (both 16-byte aligned).
 GIE_DEVICE void gie_cp_async_16(void* shared_destination, const void* global_source) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
@@ -218,5 +226,12 @@ GIE_DEVICE void gie_cp_async_16(void* shared_destination, const void* global_sou
 GIE_DEVICE void gie_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 GIE_DEVICE void gie_cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Wait until at most `Pending` of this thread's committed cp.async groups are still in flight
+// (the newest ones): the multi-stage pipelines' wait.
+template <int Pending>
+GIE_DEVICE void gie_cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+}
 
 #endif  // GIE_CPU_SHIM

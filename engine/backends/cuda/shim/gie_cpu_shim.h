@@ -7,8 +7,10 @@
 // per-warp barrier. The prelude's tensor-core wrappers (gie_prelude.cuh, skipped under
 // GIE_CPU_SHIM) are re-implemented here from the PTX fragment layouts: mma.sync m16n8k16 f16,
 // m16n8k32 s8, mma.sp m16n8k32 f16 and m16n8k64 s8 (2:4 sparse, selector 0), ldmatrix x4 /
-// x2.trans, cp.async (a synchronous copy). What this cannot check: performance, races the
-// barrier hides, exact tensor-core rounding (products are summed in fp32 in k order).
+// x2.trans / x4.trans, cp.async (a synchronous copy, or deferred to its wait_group when
+// gie_shim_set_deferred_cp_async is on), dynamic shared memory (extern __shared__, bytes per
+// launch). What this cannot check: performance, races the barrier hides, exact tensor-core
+// rounding (products are summed in fp32 in k order).
 //
 // A thread that returns early leaves its block and warp barriers (arrive_and_drop), as an
 // exited thread does not block bar.sync on Volta and later.
@@ -69,6 +71,40 @@ namespace gie_shim {
 // that not every thread of the block reaches) and aborts with a message; set per library by
 // gie_shim_set_barrier_timeout_ms (ShimLibrary.set_barrier_timeout).
 inline std::atomic<unsigned> barrier_timeout_ms{20000};
+
+// Dynamic shared memory (`extern __shared__ T name[];`, which shim_runner rewrites to
+// `T* name = reinterpret_cast<T*>(gie_shim::dynamic_shared());`): dynamic_shared_bytes per
+// block, set per launch (ShimLibrary.launch(..., shared_bytes=)). Each block gets a fresh
+// 128-byte-aligned buffer filled with 0xFF (fp16 NaN, so a read of a never-written byte shows)
+// and a guard after it; a write past the end aborts when the block finishes.
+inline std::atomic<unsigned> dynamic_shared_bytes{0};
+inline unsigned char* dynamic_shared_base = nullptr;
+
+inline void* dynamic_shared() {
+    if (dynamic_shared_base == nullptr) {
+        std::fprintf(stderr, "gie_cpu_shim: the kernel uses extern __shared__ memory but the "
+                             "launch passed shared_bytes=0\n");
+        std::fflush(stderr);
+        std::abort();
+    }
+    return dynamic_shared_base;
+}
+
+// cp.async as the GPU orders it (opt-in, gie_shim_set_deferred_cp_async): a copy lands only when
+// a gie_cp_async_wait_group / wait_all covering its commit group runs in the issuing thread, so
+// a pipeline that reads a stage before waiting for it reads stale data. Off: copies are
+// synchronous (the default, as before).
+inline std::atomic<bool> deferred_cp_async{false};
+struct AsyncCopy {
+    void* destination;
+    const void* source;
+};
+inline thread_local std::vector<AsyncCopy> open_copies;                   // not yet committed
+inline thread_local std::vector<std::vector<AsyncCopy>> committed_copies;  // oldest first
+
+inline void land(const std::vector<AsyncCopy>& copies) {
+    for (const AsyncCopy& copy : copies) std::memcpy(copy.destination, copy.source, 16);
+}
 
 // std::barrier without the hang: arrive_and_wait aborts after barrier_timeout_ms.
 class Barrier {
@@ -146,6 +182,16 @@ void launch(dim3 grid, dim3 threads_per_block, Body body) {
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
+                const size_t dynamic_bytes = dynamic_shared_bytes.load();
+                constexpr size_t guard = 64;
+                unsigned char* dynamic = nullptr;
+                if (dynamic_bytes > 0) {
+                    const size_t total = (dynamic_bytes + guard + 127) / 128 * 128;
+                    dynamic = static_cast<unsigned char*>(std::aligned_alloc(128, total));
+                    std::memset(dynamic, 0xFF, dynamic_bytes);
+                    std::memset(dynamic + dynamic_bytes, 0xA5, guard);
+                }
+                dynamic_shared_base = dynamic;
                 Block shared_block(threads);
                 std::vector<std::thread> pool;
                 pool.reserve(threads);
@@ -164,6 +210,17 @@ void launch(dim3 grid, dim3 threads_per_block, Body body) {
                     });
                 }
                 for (auto& thread : pool) thread.join();
+                if (dynamic != nullptr) {
+                    for (size_t i = 0; i < guard; ++i)
+                        if (dynamic[dynamic_bytes + i] != 0xA5) {
+                            std::fprintf(stderr, "gie_cpu_shim: a write past the %zu bytes of "
+                                                 "dynamic shared memory\n", dynamic_bytes);
+                            std::fflush(stderr);
+                            std::abort();
+                        }
+                    std::free(dynamic);
+                    dynamic_shared_base = nullptr;
+                }
             }
 }
 
@@ -422,8 +479,47 @@ inline void gie_ldmatrix_x2_trans(unsigned r[2], const void* shared_row) {
     done_reading();
 }
 
+// x4.trans: lanes 8 j .. 8 j + 7 give the rows of matrix j; r[j] as gie_ldmatrix_x2_trans's.
+inline void gie_ldmatrix_x4_trans(unsigned r[4], const void* shared_row) {
+    using namespace gie_shim;
+    publish(&shared_row, sizeof(shared_row));
+    for (int j = 0; j < 4; ++j) {
+        uint16_t halves[2];
+        for (int h = 0; h < 2; ++h) {
+            const char* row;
+            std::memcpy(&row, published(j * 8 + (lane % 4) * 2 + h), sizeof(row));
+            std::memcpy(&halves[h], row + (lane / 4) * 2, 2);
+        }
+        r[j] = uint32_t(halves[0]) | (uint32_t(halves[1]) << 16);
+    }
+    done_reading();
+}
+
 inline void gie_cp_async_16(void* shared_destination, const void* global_source) {
+    if (gie_shim::deferred_cp_async.load()) {
+        gie_shim::open_copies.push_back({shared_destination, global_source});
+        return;
+    }
     std::memcpy(shared_destination, global_source, 16);
 }
-inline void gie_cp_async_commit() {}
-inline void gie_cp_async_wait_all() {}
+inline void gie_cp_async_commit() {
+    if (!gie_shim::deferred_cp_async.load()) return;
+    gie_shim::committed_copies.push_back(std::move(gie_shim::open_copies));
+    gie_shim::open_copies.clear();
+}
+inline void gie_cp_async_wait_all() {  // = commit_group; wait_group 0
+    using namespace gie_shim;
+    for (const auto& group : committed_copies) land(group);
+    land(open_copies);
+    committed_copies.clear();
+    open_copies.clear();
+}
+template <int Pending>
+inline void gie_cp_async_wait_group() {
+    using namespace gie_shim;
+    const size_t keep = Pending < 0 ? 0 : size_t(Pending);
+    if (committed_copies.size() <= keep) return;
+    const size_t landing = committed_copies.size() - keep;
+    for (size_t i = 0; i < landing; ++i) land(committed_copies[i]);
+    committed_copies.erase(committed_copies.begin(), committed_copies.begin() + landing);
+}
