@@ -151,7 +151,7 @@ def build(
     log.add("tactics", f"{stats.timed} candidates timed, {stats.cache_hits} timing-cache hits")
     memory = plan_memory(plan, config, log=log)
     if cuda is not None:
-        identity = {**device_identity(config.backend), **cuda.identity}
+        identity = device_identity(config.backend)
         engine: Engine = CudaEngine(plan, memory, config, log, identity, cuda.device)
     else:
         engine = Engine(plan, memory, config, log, device_identity(config.backend))

@@ -34,7 +34,12 @@ def usable_cpus() -> int:
 
 
 def device_identity(backend: str = "numpy") -> dict[str, str]:
-    """What an engine's tactics and timings depend on: backend, device, library versions."""
+    """What an engine's tactics and timings depend on: backend, device, library versions
+    (on a CUDA backend the device is the GPU, or the CPU shim, with its compute capability)."""
+    if backend in ("cuda", "cuda-shim"):
+        from engine.backends.cuda.setup import cuda_identity
+
+        return {**device_identity("numpy"), "backend": backend, **cuda_identity(backend)}
     return {
         "backend": backend,
         "device": cpu_model(),

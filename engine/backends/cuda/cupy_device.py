@@ -36,8 +36,8 @@ from engine.backends.cuda.launch_plan import (
 from engine.backends.cuda.launcher import CudaModule, DevicePointer
 
 #: cudaDataType / cublasComputeType values (cuda_runtime_api.h, cublas_api.h).
-CUDA_R_32F, CUDA_R_16F = 0, 2
-CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+CUDA_R_32F, CUDA_R_16F, CUDA_R_8I, CUDA_R_32I = 0, 2, 3, 10
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_COMPUTE_32I = 68, 77, 72
 CUBLAS_OP_N = 0
 CUBLAS_GEMM_DEFAULT = -1
 
@@ -162,23 +162,26 @@ class CupyDevice:
 
         handle = self._cupy.cuda.device.get_cublas_handle()
         cublas.setStream(handle, stream.ptr)
-        data = CUDA_R_16F if step.compute == "fp16" else CUDA_R_32F
+        data = out = CUDA_R_16F if step.compute == "fp16" else CUDA_R_32F
         compute = CUBLAS_COMPUTE_32F_FAST_TF32 if step.compute == "tf32" else CUBLAS_COMPUTE_32F
-        alpha = np.array(step.alpha, dtype=np.float32)
-        beta = np.array(step.beta, dtype=np.float32)
+        scalar = np.float32
+        if step.compute == "int8":  # int8 inputs, int32 accumulator and output
+            data, out, compute, scalar = CUDA_R_8I, CUDA_R_32I, CUBLAS_COMPUTE_32I, np.int32
+        alpha = np.array(step.alpha, dtype=scalar)
+        beta = np.array(step.beta, dtype=scalar)
         a, b, c = (self.pointer(x).address for x in (step.a, step.b, step.c))
         # Row-major C = A @ B is column-major C^T = B^T @ A^T: swap the operands and m/n.
         if step.batch == 1:
             cublas.gemmEx(
                 handle, CUBLAS_OP_N, CUBLAS_OP_N, step.n, step.m, step.k, alpha.ctypes.data,
-                b, data, step.ldb, a, data, step.lda, beta.ctypes.data, c, data, step.ldc,
+                b, data, step.ldb, a, data, step.lda, beta.ctypes.data, c, out, step.ldc,
                 compute, CUBLAS_GEMM_DEFAULT,
             )  # fmt: skip
         else:
             cublas.gemmStridedBatchedEx(
                 handle, CUBLAS_OP_N, CUBLAS_OP_N, step.n, step.m, step.k, alpha.ctypes.data,
                 b, data, step.ldb, step.stride_b, a, data, step.lda, step.stride_a,
-                beta.ctypes.data, c, data, step.ldc, step.stride_c, step.batch, compute,
+                beta.ctypes.data, c, out, step.ldc, step.stride_c, step.batch, compute,
                 CUBLAS_GEMM_DEFAULT,
             )  # fmt: skip
 

@@ -183,7 +183,8 @@ class LibraryGemm:
     """A cuBLAS GEMM (gemmEx / gemmStridedBatchedEx) on row-major operands, ``batch`` times:
     ``c[z] = alpha * a[z] @ b[z] + beta * c[z]`` with a [m, k] (lda), b [k, n] (ldb), c [m, n]
     (ldc), batch strides in elements (0: shared operand). ``compute``: "fp32", "tf32" (fp32 data,
-    TF32 tensor-core math), "fp16" (fp16 data, fp32 accumulation)."""
+    TF32 tensor-core math), "fp16" (fp16 data, fp32 accumulation), "int8" (int8 data, exact
+    int32 accumulator and output)."""
 
     a: DeviceBuffer
     b: DeviceBuffer

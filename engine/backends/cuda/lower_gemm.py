@@ -246,6 +246,101 @@ def lower_cublas(ctx: LowerContext, tactic: CudaTactic) -> None:
         )
 
 
+def lower_cublas_int8(ctx: LowerContext, tactic: CudaTactic) -> None:
+    """gie::QGemm as a cuBLAS int8 GEMM (int32 accumulator in scratch), then
+    requant_epilogue.cu: the same epilogue as gemm_int8.cu, bit for bit."""
+    a_shape, b_shape = ctx.input_shape(0), ctx.input_shape(2)
+    trans_b = 0 if _is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
+    k, n = (b_shape[1], b_shape[0]) if trans_b else (b_shape[0], b_shape[1])
+    m = math.prod(a_shape[:-1])
+    weight, scales = ctx.constant(2), ctx.constant(3)
+    if weight is None or scales is None:
+        raise LoweringError("gie::QGemm needs a constant int8 weight and weight scales")
+    array = np.asarray(weight, np.int8)
+    b = ctx.weight(
+        f"{ctx.layer.inputs[2]}:s8:kn", np.ascontiguousarray(array.T if trans_b else array)
+    )
+    scales = np.asarray(scales, np.float32).reshape(-1)
+    w_scale = ctx.weight(f"{ctx.layer.inputs[3]}:wscale", scales)
+    a = ctx.input(0)
+    assert a is not None
+    acc = ctx.scratch((m, n), np.int32)
+    ctx.steps.append(
+        LibraryGemm(a.with_shape((m, k)), b, acc, m, n, k, 1, k, n, n, 0, 0, 0, 1.0, 0.0, "int8")
+    )
+    bias_value = ctx.constant(4)
+    bias = None
+    if bias_value is not None:
+        bias = ctx.weight(
+            f"{ctx.layer.inputs[4]}:s32", np.asarray(bias_value, np.int32).reshape(-1)
+        )
+    residual = ctx.input(5)
+    code, alpha, beta, first = _epilogue(ctx)
+    out = ctx.output(0)
+    args = (
+        acc, bias, w_scale, residual, out, m, n, _scalar(ctx, 1, 1.0), int(scales.size > 1),
+        _scalar(ctx, 6, 1.0), code, alpha, beta, first,
+    )  # fmt: skip
+    grid = (max(1, min(_ceil(m * n, 256), 4096)),)
+    ctx.launch(tactic.kernel_file, tactic.entry, grid, (256,), args)
+
+
+def lower_sparse(ctx: LowerContext, tactic: CudaTactic) -> None:
+    """gemm_sparse.cu: the 2:4 weight W [out, K] compressed once (engine.sparsity.compress) is
+    the kernel's A; the activation rows are B through strides and the output C^T likewise, so a
+    linear layer Y = X @ W^T needs no transpose."""
+    from engine.sparsity.compress import compress_2_4
+
+    int8 = ctx.layer.op_type == "QGemm"
+    w_index = 2 if int8 else 1
+    weight = ctx.constant(w_index)
+    if weight is None:
+        raise LoweringError("the 2:4 weight is not a constant")
+    weight = np.asarray(weight)
+    trans_b = 0 if _is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
+    matrix = weight.reshape(weight.shape[-2:]) if weight.ndim > 2 else weight
+    matrix = matrix if trans_b else matrix.T  # [out, K]
+    out_channels, k = matrix.shape
+    dtype = np.dtype(np.int8) if int8 else ctx.input_dtype(0)
+    packed = compress_2_4(matrix, dtype=dtype)
+    key = f"{ctx.layer.inputs[w_index]}:sparse:{dtype}"
+    values = ctx.weight(key + ":values", np.ascontiguousarray(packed.values))
+    metadata = ctx.weight(
+        key + ":meta", np.ascontiguousarray(packed.metadata).reshape(-1).view(np.uint32)
+    )
+    rows_p = int(packed.values.shape[0])
+    a_shape = ctx.input_shape(0)
+    rows = math.prod(a_shape[:-1])
+    x = ctx.input(0)
+    out = ctx.output(0)
+    assert x is not None
+    code, alpha, beta, first = _epilogue(ctx)
+    geometry = (out_channels, rows, k, rows_p, 1, k, 1, out_channels)
+    if int8:
+        scales = ctx.constant(3)
+        if scales is None:
+            raise LoweringError("gie::QGemm needs constant weight scales")
+        scales = np.asarray(scales, np.float32).reshape(-1)
+        w_scale = ctx.weight(f"{ctx.layer.inputs[3]}:wscale", scales)
+        bias_value = ctx.constant(4)
+        bias = None
+        if bias_value is not None:
+            bias = ctx.weight(
+                f"{ctx.layer.inputs[4]}:s32", np.asarray(bias_value, np.int32).reshape(-1)
+            )
+        args = (
+            values, metadata, x, bias, w_scale, ctx.input(5), out, *geometry,
+            _scalar(ctx, 1, 1.0), int(scales.size > 1), _scalar(ctx, 6, 1.0),
+            code, alpha, beta, first,
+        )  # fmt: skip
+    else:
+        bias = _bias(ctx, 2, out_channels, dtype) if ctx.layer.op_type != "MatMul" else None
+        residual = ctx.input(3) if ctx.layer.op_type == "GemmAct" else None
+        args = (values, metadata, x, bias, residual, out, *geometry, code, alpha, beta, first)
+    grid = (_ceil(rows, 8), _ceil(out_channels, 16))
+    ctx.launch(tactic.kernel_file, tactic.entry, grid, (32,), args)
+
+
 def lower_im2col_cublas(ctx: LowerContext, tactic: CudaTactic) -> None:
     """Convolution as im2col (data_movement.cu, NHWC) + one cuBLAS GEMM with the KRSC weight,
     then the epilogue: bias + activation in place, the residual through beta = 1 (before the
@@ -317,6 +412,10 @@ def _lowering_for(tactic: CudaTactic) -> LowerFunction | None:
         return _bind(lower_int8_gemm, tactic)
     if tactic.name in COMPUTE:
         return _bind(lower_cublas, tactic)
+    if tactic.family == "sparse":
+        return _bind(lower_sparse, tactic)
+    if tactic.name.startswith("cublas_int8"):
+        return _bind(lower_cublas_int8, tactic)
     if tactic.name.startswith("im2col_cublas"):
         return _bind(lower_im2col_cublas, tactic)
     return None

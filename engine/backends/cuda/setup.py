@@ -15,8 +15,8 @@ from engine.build.timing import Timer
 from engine.config import BuilderConfig
 
 #: What the CPU shim reports as its device: the compute capability its kernels are checked
-#: against (sm_90: every catalogue tactic is allowed).
-SHIM_DEVICE = fake_device(name="CPU shim (CUDA kernels on the host)", cupy_version="")
+#: against (sm_90: every catalogue tactic is allowed); cuBLAS calls are emulated with NumPy.
+SHIM_DEVICE = fake_device(name="CPU shim (CUDA kernels on the host)", cupy_version="emulated")
 
 
 @dataclass
@@ -45,8 +45,21 @@ def cuda_setup(config: BuilderConfig, log: BuildLog, timer: Timer | None) -> Cud
             "tactics",
             "CUDA kernels on the CPU shim: not timed, the first fitting tactic of the catalogue",
         )
-    identity = {"device": info.name, "compute_capability": info.arch}
-    return CudaSetup(device, info, source, timer, identity)
+    return CudaSetup(device, info, source, timer, cuda_identity(config.backend, info))
 
 
-__all__ = ["SHIM_DEVICE", "CudaSetup", "cuda_setup"]
+def cuda_identity(backend: str, info: DeviceInfo | None = None) -> dict[str, str]:
+    """The device part of an engine's identity: GPU (or shim) name and compute capability."""
+    if info is None:
+        if backend == "cuda-shim":
+            info = SHIM_DEVICE
+        else:
+            from engine.backends.cuda.device_info import probe
+
+            info = probe()
+            if info is None:
+                return {"device": "no CUDA device", "compute_capability": "none"}
+    return {"device": info.name, "compute_capability": info.arch}
+
+
+__all__ = ["SHIM_DEVICE", "CudaSetup", "cuda_identity", "cuda_setup"]

@@ -142,9 +142,13 @@ class ShimDevice:
                     flat[start:], (rows, cols), (ld * flat.itemsize, flat.itemsize)
                 )
 
-            a = matrix(a_all, z * step.stride_a, step.m, step.k, step.lda).astype(np.float32)
-            b = matrix(b_all, z * step.stride_b, step.k, step.n, step.ldb).astype(np.float32)
+            a = matrix(a_all, z * step.stride_a, step.m, step.k, step.lda)
+            b = matrix(b_all, z * step.stride_b, step.k, step.n, step.ldb)
             c = matrix(c_all, z * step.stride_c, step.m, step.n, step.ldc)
+            if step.compute == "int8":  # exact int32 accumulation (K is bounded by the check)
+                c[...] = (a.astype(np.int64) @ b.astype(np.int64)).astype(np.int32)
+                continue
+            a, b = a.astype(np.float32), b.astype(np.float32)
             if step.compute == "tf32":
                 a, b = tf32(a), tf32(b)
             product = np.float32(step.alpha) * (a @ b)

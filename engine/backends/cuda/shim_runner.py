@@ -37,7 +37,10 @@ from engine.backends.cuda.nvrtc import KERNEL_DIR
 
 SHIM_HEADER = Path(__file__).resolve().parent / "shim" / "gie_cpu_shim.h"
 COMPILER = "g++"
-FLAGS = ("-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w")
+#: ``-fno-gnu-unique``: ``__shared__`` is ``static`` under the shim, and g++ would make the
+#: statics of template kernels process-wide unique symbols, so two libraries of one kernel
+#: compiled with different tile defines would share (and overflow) one tile buffer.
+FLAGS = ("-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-fno-gnu-unique")
 
 #: Scalar parameter types and their ctypes.
 _SCALARS: dict[str, Any] = {

@@ -55,7 +55,6 @@ from engine.backends.cuda.tactic_checks import (
     check_own_gemm,
     conv_check,
     input_name,
-    int8_activation,
     int8_gemm_check,
     k_multiple_check,
     last_axis_check,
@@ -229,10 +228,14 @@ CATALOGUE: tuple[CudaTactic, ...] = (
     CudaTactic("cublas_fp16", "cublas", GEMM_OPS, "elementwise.cu", "cublasGemmEx",
                library="cublas", check=check_cublas_gemm, min_cc=(5, 3), dtypes=F16S,
                precisions=F16_ONLY),
-    CudaTactic("cublas_int8", "cublas", frozenset({"gie::QGemm"}), "requant_epilogue.cu",
-               "cublasGemmEx", library="cublas",
-               check=all_of(int8_activation, k_multiple_check(4, "cuBLAS int8 needs K % 4 == 0")),
-               min_cc=(6, 1), dtypes=I8S, precisions=I8_ONLY),
+    *(
+        CudaTactic(f"cublas_int8_{out}", "cublas", frozenset({"gie::QGemm"}),
+                   "requant_epilogue.cu", f"gie_requant_{out}", library="cublas",
+                   check=all_of(int8_gemm_check(dtype),
+                                k_multiple_check(4, "cuBLAS int8 needs K % 4 == 0")),
+                   min_cc=(6, 1), dtypes=I8S, precisions=I8_ONLY)
+        for out, dtype in (("s8", I8), ("f32", F32), ("f16", F16))
+    ),
     CudaTactic("im2col_cublas_fp32", "cublas", CONV_OPS, "data_movement.cu",
                "gie_im2col_nhwc_f32", library="cublas", check=conv_check(), min_cc=(5, 0)),
     CudaTactic("im2col_cublas_fp16", "cublas", CONV_OPS, "data_movement.cu",

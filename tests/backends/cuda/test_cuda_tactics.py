@@ -30,8 +30,7 @@ from engine.passes import optimize
 H100 = fake_device()
 CONFIG = BuilderConfig()
 #: Kernel files the catalogue refers to that other work items will add.
-PLANNED = {"gie_conv_implicit_gemm_mma_f16", "gie_conv_implicit_gemm_s8", "cublasGemmEx"}
-PLANNED |= {"gie_im2col_f32", "gie_im2col_f16"}
+PLANNED = {"cublasGemmEx"}
 
 
 def _plan(name: str, level: str = "O2") -> Plan:
@@ -67,9 +66,23 @@ def _layer(plan: Plan, suffix: str):
 
 
 def test_catalogue_names_are_unique_and_families_known() -> None:
-    names = [t.name for t in CATALOGUE]
+    full = tactics.full_catalogue()
+    names = [t.name for t in full]
     assert len(names) == len(set(names))
-    assert {t.family for t in CATALOGUE} <= set(CUDA_TACTIC_FAMILIES)
+    assert {t.family for t in full} <= set(CUDA_TACTIC_FAMILIES)
+    assert len(full) > len(CATALOGUE)  # the lowering modules add theirs
+
+
+def test_every_written_tactic_has_a_lowering() -> None:
+    from engine.backends.cuda.lowerings import all_lowerings
+
+    lowered = all_lowerings()
+    missing = [
+        t.name
+        for t in tactics.full_catalogue()
+        if tactics.kernel_missing(t) is None and t.name not in lowered
+    ]
+    assert missing == []
 
 
 def test_every_kernel_file_exists_with_its_entry_or_is_planned() -> None:
@@ -95,7 +108,7 @@ def test_resnet_fp32_candidates(resnet, all_written) -> None:
     reasons = cuda_refusals(stem, resnet, CONFIG, H100)
     assert reasons["conv1x1_gemm_simt_f32"] == "not a 1x1, stride-1, unpadded convolution"
     assert reasons["conv_depthwise_f32"] == "not depthwise (group 1, C 3, M 16)"
-    assert "handles FLOAT16 data, got FLOAT" in reasons["conv_igemm_mma_f16"]
+    assert "handles FLOAT16 data, got FLOAT" in reasons["conv_mma_f16_64x64"]
     pointwise_1x1 = _layer(resnet, "layer3.0/relu/Relu/ConvAct")  # 1x1 stride 1
     assert "conv1x1_gemm_simt_f32" in cuda_candidates(pointwise_1x1, resnet, CONFIG, H100)
     fc = _layer(resnet, "/fc/Gemm")  # 1 x 10 output, transB = 1 with a constant B
@@ -117,16 +130,16 @@ def test_resnet_fp16_candidates_and_channel_alignment(resnet_fp16, all_written) 
         "conv_igemm_f16_128x64",
         "im2col_cublas_fp16",
     ]
-    assert cuda_why_not(stem, resnet_fp16, "conv_igemm_mma_f16", H100) == (
+    assert cuda_why_not(stem, resnet_fp16, "conv_mma_f16_64x64", H100) == (
         "C = 3 is not a multiple of 8 (16-byte NHWC channel vectors)"
     )
     block = _layer(resnet_fp16, "layer3.0/relu/Relu/ConvAct")  # 1x1, C = 32
     assert cuda_candidates(block, resnet_fp16, CONFIG, H100) == [
         "conv_igemm_f16_64x64",
         "conv_igemm_f16_128x64",
-        "conv_igemm_mma_f16",
         "conv1x1_gemm_mma_f16",
         "im2col_cublas_fp16",
+        "conv_mma_f16_64x64",
     ]
     fc = _layer(resnet_fp16, "/fc/Gemm")
     assert cuda_candidates(fc, resnet_fp16, CONFIG, H100) == [
@@ -188,24 +201,27 @@ def test_bert_layers(all_written) -> None:
     norm = next(layer for layer in plan.layers if layer.op_type == "LayerNorm")
     assert cuda_candidates(norm, plan, CONFIG, H100) == ["layernorm_f32"]
     gelu = next(layer for layer in plan.layers if layer.op_type == "Gelu")
-    assert cuda_candidates(gelu, plan, CONFIG, H100) == ["bias_act_f32"]
+    assert cuda_candidates(gelu, plan, CONFIG, H100) == ["bias_act_f32", "elementwise_generated"]
 
 
 def test_int8_layers_need_int8_activations_and_aligned_channels(all_written) -> None:
     plan = _built("resnet", {Precision.INT8}, calibrate=True)
     stem = _layer(plan, "/relu/Relu/ConvAct")
     assert stem.qualified_op == "gie::QConv"
-    assert cuda_why_not(stem, plan, "conv_igemm_imma_s8", H100) == (
+    assert cuda_why_not(stem, plan, "conv_imma_s8_64x64", H100) == (
         "C = 3 is not a multiple of 16 (16-byte NHWC channel vectors)"
     )
     block = _layer(plan, "layer1.0/relu/Relu/ConvAct")
     # The plan's spec of its input (what the kernel would read) decides.
     plan.specs[block.inputs[0]] = TensorSpec((1, 16, 16, 16), ir.DataType.FLOAT)
-    assert cuda_why_not(block, plan, "conv_igemm_imma_s8", H100) == (
+    assert cuda_why_not(block, plan, "conv_imma_s8_64x64", H100) == (
         "the activation input is FLOAT in the plan; int8 kernels read int8"
     )
     plan.specs[block.inputs[0]] = TensorSpec((1, 16, 16, 16), ir.DataType.INT8)
-    assert cuda_candidates(block, plan, CONFIG, H100) == ["conv_igemm_imma_s8"]
+    assert cuda_candidates(block, plan, CONFIG, H100) == [
+        "conv_imma_s8_64x64",
+        "conv_imma_s8_128x128",
+    ]
 
 
 def test_config_filters_sources_and_sparsity(resnet_fp16, all_written) -> None:
@@ -221,11 +237,8 @@ def test_config_filters_sources_and_sparsity(resnet_fp16, all_written) -> None:
 def test_real_kernel_folder_offers_only_written_kernels(resnet) -> None:
     stem = _layer(resnet, "/relu/Relu/ConvAct")
     reasons = cuda_refusals(stem, resnet, CONFIG, H100)
-    source = (nvrtc.KERNEL_DIR / "conv_implicit_gemm.cu").read_text()
-    if "gie_conv_implicit_gemm_mma_f16" not in source:  # planned
-        assert reasons["conv_igemm_mma_f16"] == (
-            "kernel conv_implicit_gemm.cu (gie_conv_implicit_gemm_mma_f16) is not written yet"
-        )
+    assert "handles FLOAT16 data, got FLOAT" in reasons["conv_mma_f16_64x64"]
+    assert all("not written yet" not in (r or "") for r in reasons.values())
     fc = _layer(resnet, "/fc/Gemm")
     assert cuda_candidates(fc, resnet, CONFIG, H100) == ["gemm_simt_f32_32x32x16", "cublas_fp32"]
 
@@ -251,7 +264,10 @@ def test_pools_and_reformat_layers(resnet, resnet_fp16, all_written) -> None:
     gap = _layer(resnet, "/avgpool/GlobalAveragePool")
     assert cuda_candidates(gap, resnet, CONFIG, H100) == ["global_average_pool_f32"]
     cast_in = next(layer for layer in resnet_fp16.layers if layer.role == "reformat")
-    assert cuda_candidates(cast_in, resnet_fp16, CONFIG, H100) == ["cast_f32_to_f16"]
+    assert cuda_candidates(cast_in, resnet_fp16, CONFIG, H100) == [
+        "cast_f32_to_f16",
+        "cast_generated",
+    ]
     assert cuda_why_not(cast_in, resnet_fp16, "cast_f16_to_f32", H100) == (
         "cast_f16_to_f32 handles FLOAT16 data, got FLOAT"
     )
@@ -265,7 +281,7 @@ def test_int8_gemm_entry_follows_the_output_dtype(all_written) -> None:
     assert fc.qualified_op == "gie::QGemm"
     plan.specs[fc.inputs[0]] = TensorSpec((1, 64), ir.DataType.INT8)
     plan.specs[fc.outputs[0]] = TensorSpec((1, 10), ir.DataType.FLOAT)
-    assert cuda_candidates(fc, plan, CONFIG, H100) == ["gemm_imma_f32", "cublas_int8"]
+    assert cuda_candidates(fc, plan, CONFIG, H100) == ["gemm_imma_f32", "cublas_int8_f32"]
     assert cuda_why_not(fc, plan, "gemm_imma_s8", H100) == (
         "the layer produces FLOAT, this entry writes INT8"
     )
