@@ -8,7 +8,8 @@ MODEL ?=
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test lint format lab conformance bench clean extension chromium gpu-check
+.PHONY: setup demo test lint format lab conformance bench clean extension chromium gpu-check \
+	gpu-rehearse gpu-wheels
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -97,8 +98,18 @@ bench: setup
 
 # The CUDA checks for an H100/H200 (engine/backends/cuda/gpu_check.py): results JSON in $OUT
 # (or out/gpu-check); without a GPU it writes {"gpu": null, "reason": ...} and succeeds.
-gpu-check: setup
-	$(PY) -m engine.backends.cuda.gpu_check --out "$${OUT:-out/gpu-check}"
+gpu-check:
+	sh scripts/gpu-check.sh
+
+# The engine sections of gpu-check on the CPU shim at toy sizes: the script runs end to end.
+gpu-rehearse: setup
+	$(PY) -m engine.backends.cuda.gpu_check --rehearse --out out/gpu-rehearsal
+
+# Wheels a GPU machine lacks (Python 3.12 there), carried in .whl/ (git-ignored).
+gpu-wheels: setup
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_17_x86_64 --platform any -d .whl \
+		"onnx-ir==$$($(PY) -c 'import onnx_ir; print(onnx_ir.__version__)')"
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache studio/labextension extension/node_modules extension/lib
