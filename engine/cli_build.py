@@ -123,7 +123,13 @@ def config_from_args(args: argparse.Namespace, model: ir.Model) -> BuilderConfig
         raise CliError(f"--percentile must be in (0, 100], got {args.percentile}")
     if args.accuracy_budget and not args.calib:
         raise CliError("--accuracy-budget needs --calib DATA (the data the budget is measured on)")
+    check_backend(args.backend)
+    if args.cuda_streams < 1:
+        raise CliError(f"--cuda-streams must be >= 1, got {args.cuda_streams}")
     return BuilderConfig(
+        backend=args.backend,
+        cuda_streams=args.cuda_streams,
+        cuda_graphs=not args.no_cuda_graphs,
         optimization_level=args.level,
         precisions=frozenset(precisions),
         precision_mode=PrecisionMode.OBEY if args.strict_precision else PrecisionMode.PREFER,
@@ -141,6 +147,21 @@ def config_from_args(args: argparse.Namespace, model: ir.Model) -> BuilderConfig
         sparsity=SparsityMode(args.sparsity),
         sparsity_min_channels=args.sparsity_min_channels,
     )
+
+
+def check_backend(backend: str) -> None:
+    """A clear error when the backend cannot run here (no GPU / no g++)."""
+    if backend == "cuda":
+        from engine.backends.cuda.device_info import probe, probe_reason
+
+        if probe() is None:
+            raise CliError(f"--backend cuda needs a GPU: {probe_reason()}")
+    elif backend == "cuda-shim":
+        from engine.backends.cuda.shim_runner import compiler_available
+
+        reason = compiler_available()
+        if reason is not None:
+            raise CliError(f"--backend cuda-shim needs g++: {reason}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -338,6 +359,19 @@ def add_build_command(commands: Any, common: argparse.ArgumentParser) -> None:
         type=int,
         default=256,
         help="layers with fewer input channels are too small for 2:4 (256)",
+    )
+    build.add_argument(
+        "--backend",
+        choices=("numpy", "cuda", "cuda-shim"),
+        default="numpy",
+        help="numpy (reference tactics), cuda (CUDA kernels on a GPU) or cuda-shim (the CUDA "
+        "kernels on the CPU through the shim: checks without a GPU, tiny models only)",
+    )
+    build.add_argument(
+        "--cuda-streams", type=int, default=1, help="CUDA streams for independent branches (1)"
+    )
+    build.add_argument(
+        "--no-cuda-graphs", action="store_true", help="launch kernel by kernel, no CUDA graph"
     )
     build.add_argument("--timing-cache", metavar="FILE", help="timing cache (JSON), reused")
     build.add_argument("--timing-iterations", type=int, default=5, help="runs per tactic (5)")

@@ -5,8 +5,9 @@
 
 * every hand-written kernel file (``kernels/*.cu``), and
 * the pointwise kernel generated for every ``gie::Pointwise`` node of every zoo model
-  optimized at O2 and at O3 (identical kernels are compiled once; ``pointwise_origins`` says
-  which nodes each one serves),
+  optimized at O2 and at O3, and every generated kernel the zoo's CUDA engines launch (fp32
+  and fp16 at O3: single elementwise ops, casts; identical kernels are compiled once;
+  ``pointwise_origins`` says which nodes or layers each one serves),
 
 and reports, as JSON: ``kernels`` (the sources checked), ``compiled`` (successful
 source x arch compiles), ``failed`` (source, arch, compiler log), ``spills`` (entry points
@@ -80,15 +81,56 @@ def zoo_pointwise_kernels(levels: Sequence[str] = LEVELS) -> ZooPointwise:
     return ZooPointwise(kernels, unsupported)
 
 
+def zoo_engine_sources() -> dict[str, tuple[str, list[str]]]:
+    """The generated kernels the zoo's CUDA engines launch (fp32 and fp16 at O3): the
+    lowering's own sources (single elementwise ops, casts, pointwise at their real ranks),
+    by entry-derived name -> (source, origins)."""
+    import onnx_ir as ir
+
+    from engine import zoo
+    from engine.backends.cuda.launch_plan import KernelLaunch
+    from engine.backends.cuda.lowering import lower_launch_plan
+    from engine.builder import build
+    from engine.config import BuilderConfig, Precision
+
+    found: dict[str, tuple[str, list[str]]] = {}
+    for model_name in zoo.ZOO:
+        proto = zoo.build(model_name)
+        shapes = {k: v.shape for k, v in zoo.make_inputs(proto).items()}
+        for label, precisions in (("fp32", {Precision.FP32}), ("fp16", {Precision.FP16})):
+            config = BuilderConfig(
+                backend="cuda-shim",
+                optimization_level="O3",
+                precisions=frozenset(precisions | {Precision.FP32}),
+            )
+            engine = build(ir.serde.deserialize_model(proto), config)
+            plan = lower_launch_plan(engine.plan, engine.memory, shapes)
+            for layer in plan.layers:
+                for step in layer.steps:
+                    if isinstance(step, KernelLaunch) and step.source.text is not None:
+                        name = step.entry.rsplit("_", 1)[0]
+                        origin = f"{model_name}@O3/{label}:{layer.name}"
+                        found.setdefault(name, (step.source.text, []))[1].append(origin)
+    return found
+
+
 def sources_to_check(include_zoo: bool = True) -> tuple[list[SourceToCheck], list[dict[str, str]]]:
-    """Kernel files, then the zoo's generated pointwise kernels (sorted by name)."""
+    """Kernel files, then the zoo's generated kernels (pointwise nodes at O2 and O3, and every
+    generated kernel the zoo's CUDA engines launch), sorted by name, each once."""
     sources = [SourceToCheck(p.name, p.read_text()) for p in nvrtc.kernel_files()]
     unsupported: list[dict[str, str]] = []
     if include_zoo:
         zoo_kernels = zoo_pointwise_kernels()
         unsupported = zoo_kernels.unsupported
+        generated: dict[str, SourceToCheck] = {}
         for name, (kernel, origins) in sorted(zoo_kernels.kernels.items()):
-            sources.append(SourceToCheck(f"{name}.cu", kernel.source, origins))
+            generated[name] = SourceToCheck(f"{name}.cu", kernel.source, origins)
+        for name, (text, origins) in sorted(zoo_engine_sources().items()):
+            if name in generated:
+                generated[name].origins.extend(origins)
+            else:
+                generated[name] = SourceToCheck(f"{name}.cu", text, origins)
+        sources.extend(generated[name] for name in sorted(generated))
     return sources, unsupported
 
 
