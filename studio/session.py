@@ -124,15 +124,24 @@ class Session:
         else:
             self.original = load(model_or_path)
             self.title = Path(model_or_path).name
-        if backend not in ("auto", "numpy"):
-            raise ValueError(f"backend {backend!r}: this build has the 'numpy' backend only")
+        if backend not in ("auto", "numpy", "cuda", "cuda-shim"):
+            raise ValueError(
+                f"backend {backend!r}: choose 'auto' (a GPU when there is one), 'numpy', "
+                "'cuda' or 'cuda-shim'"
+            )
+        if backend == "auto":
+            from engine.backends.cuda.setup import auto_backend
+
+            backend = auto_backend()
         self._workdir = tempfile.mkdtemp(prefix="gie-session-")
         base = config or BuilderConfig()
         if level is not None:
             base = base.with_changes(optimization_level=level)
         if base.timing_cache_path is None:
             base = base.with_changes(timing_cache_path=os.path.join(self._workdir, "timing.json"))
-        self.config = base.with_changes(backend="numpy")
+        #: The backend engines are built for: "auto" resolves to "cuda" on a machine with a GPU.
+        self.backend = backend
+        self.config = base.with_changes(backend=backend)
         self.calibration_data = calibration_data
         self._feeds = dict(feeds) if feeds is not None else None
         self._timeline: Timeline = record_timeline(

@@ -48,6 +48,13 @@ def cuda_setup(config: BuilderConfig, log: BuildLog, timer: Timer | None) -> Cud
     return CudaSetup(device, info, source, timer, cuda_identity(config.backend, info))
 
 
+def auto_backend() -> str:
+    """"cuda" when a GPU is usable here (CuPy sees one), else "numpy"."""
+    from engine.backends.cuda.device_info import probe
+
+    return "cuda" if probe() is not None else "numpy"
+
+
 def cuda_identity(backend: str, info: DeviceInfo | None = None) -> dict[str, str]:
     """The device part of an engine's identity: GPU (or shim) name and compute capability."""
     if info is None:
@@ -62,4 +69,4 @@ def cuda_identity(backend: str, info: DeviceInfo | None = None) -> dict[str, str
     return {"device": info.name, "compute_capability": info.arch}
 
 
-__all__ = ["SHIM_DEVICE", "CudaSetup", "cuda_identity", "cuda_setup"]
+__all__ = ["SHIM_DEVICE", "CudaSetup", "auto_backend", "cuda_identity", "cuda_setup"]
