@@ -49,7 +49,7 @@ def cuda_setup(config: BuilderConfig, log: BuildLog, timer: Timer | None) -> Cud
 
 
 def auto_backend() -> str:
-    """"cuda" when a GPU is usable here (CuPy sees one), else "numpy"."""
+    """The backend to use here: "cuda" when CuPy sees a GPU, else "numpy"."""
     from engine.backends.cuda.device_info import probe
 
     return "cuda" if probe() is not None else "numpy"
