@@ -42,12 +42,15 @@ setup: $(STAMP) extension
 
 demo: setup
 	@model="$(MODEL)"; if [ -z "$$model" ]; then model=$$($(PY) -m engine.examples resnet50); fi; \
+	backend=$$($(PY) -c 'from engine.backends.cuda.setup import auto_backend; print(auto_backend())'); \
+	echo "== backend: $$backend (cuda when CuPy sees a GPU)"; \
 	echo "== gie inspect $$model"; $(VENV)/bin/gie inspect "$$model" && \
 	echo "== gie run $$model" && $(VENV)/bin/gie run "$$model" --warmup 1 --iterations 5 && \
 	echo "== gie optimize $$model -O3" && mkdir -p $(OUT) && \
 	$(VENV)/bin/gie optimize "$$model" -O3 -o $(OUT)/optimized.onnx --json $(OUT)/steps.json && \
 	echo "== gie build $$model" && \
-	$(VENV)/bin/gie build "$$model" -o $(OUT)/model.gie --timing-cache $(OUT)/timing_cache.json && \
+	$(VENV)/bin/gie build "$$model" -o $(OUT)/model.gie --timing-cache $(OUT)/timing_cache.json \
+	  --backend $$backend && \
 	echo "== gie profile $(OUT)/model.gie" && $(VENV)/bin/gie profile $(OUT)/model.gie && \
 	echo "== gie compare $$model $(OUT)/model.gie" && $(VENV)/bin/gie compare "$$model" $(OUT)/model.gie && \
 	if [ -z "$(MODEL)" ]; then \
@@ -55,7 +58,7 @@ demo: setup
 	  echo "== gie build $$model --int8 --fp16 --calib $(OUT)/calib.npz" && \
 	  $(VENV)/bin/gie build "$$model" --int8 --fp16 --calib $(OUT)/calib.npz \
 	    --calib-cache $(OUT)/calibration.json -o $(OUT)/model_int8.gie \
-	    --timing-cache $(OUT)/timing_cache.json && \
+	    --timing-cache $(OUT)/timing_cache.json --backend $$backend && \
 	  echo "== gie compare $$model $(OUT)/model_int8.gie" && \
 	  $(VENV)/bin/gie compare "$$model" $(OUT)/model_int8.gie --min-cosine 0.99 && \
 	  echo "== gie export-qdq $(OUT)/model_int8.gie" && \

@@ -221,6 +221,17 @@ class CupyDevice:
     def replay(self, graph: Any) -> None:
         graph.launch(self.stream(0))
 
+    def flush_l2(self) -> None:
+        """Write twice the L2 size (at least 64 MiB) on the main stream, a new byte value
+        each time, so the next timed run starts with a cold L2."""
+        if getattr(self, "_flush", None) is None:
+            size = max(2 * self.info.l2_bytes, 64 << 20)
+            self._flush = self._cupy.empty(size, dtype=self._cupy.uint8)
+            self._flush_value = 0
+        self._flush_value = (self._flush_value + 1) % 256
+        with self.stream(0):
+            self._flush.fill(self._flush_value)
+
     def elapsed_ms(self, run: Callable[[], object]) -> float:
         """Device time of ``run`` (events on the main stream, others joined)."""
         cuda = self._cupy.cuda

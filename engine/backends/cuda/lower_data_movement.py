@@ -435,6 +435,36 @@ def lower_expand(ctx: LowerContext) -> None:
         ctx.launch(FILE, f"gie_slice_{_suffix(ctx)}", (blocks_for(n),), (THREADS,), args)
 
 
+def check_split(layer: Layer, plan: Plan) -> str | None:
+    shape = _shape(plan, layer, 0)
+    outs = [static_shape(plan, name) for name in layer.outputs if name]
+    if shape is None or any(o is None for o in outs):
+        return "input or output shapes are not static"
+    return None
+
+
+def lower_split(ctx: LowerContext) -> None:
+    """Split as one strided copy (gie_slice) per output, each from its offset along the axis;
+    an NHWC-stored input is read in place through its strides."""
+    shape = ctx.input_shape(0)
+    axis = normalize_axis(ctx.attrs.int("axis", 0), len(shape))
+    source, layout_strides = _strided_input(ctx)
+    x = as_bits(source)
+    start = 0
+    for index, name in enumerate(ctx.layer.outputs):
+        size = ctx.output_shape(index)[axis]
+        if name:
+            arguments = slice_arguments(shape, [start], [start + size], [axis], [1], layout_strides)
+            if arguments is None:
+                raise LoweringError("more than 6 axes after merging contiguous ones")
+            n, offset, dims, strides = arguments
+            y = as_bits(ctx.output(index))
+            if n:
+                args = (x, y, n, offset, *dims, *strides)
+                ctx.launch(FILE, f"gie_slice_{_suffix(ctx)}", (blocks_for(n),), (THREADS,), args)
+        start += size
+
+
 #: Logical NCHW axis -> its position in NHWC storage.
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
 
@@ -562,6 +592,21 @@ TACTICS: list[CudaTactic] = [
     ),
     *(
         CudaTactic(
+            f"split_{WIDTHS[width][0]}",
+            FAMILY,
+            frozenset({"Split"}),
+            FILE,
+            f"gie_slice_{WIDTHS[width][0]}",
+            (),
+            check_split,
+            (5, 0),
+            WIDTH_DTYPES[width],
+            ANY_PRECISION,
+        )
+        for width in WIDTHS
+    ),
+    *(
+        CudaTactic(
             f"expand_{WIDTHS[width][0]}",
             FAMILY,
             frozenset({"Expand"}),
@@ -604,6 +649,7 @@ TACTICS: list[CudaTactic] = [
 LOWERINGS: dict[str, LowerFunction] = {
     **{f"{kind}_{WIDTHS[width][0]}": lower for kind, _, _, lower in _COPIES for width in WIDTHS},
     **{f"expand_{WIDTHS[width][0]}": lower_expand for width in WIDTHS},
+    **{f"split_{WIDTHS[width][0]}": lower_split for width in WIDTHS},
     "resize_f32": lower_resize,
     "resize_f16": lower_resize,
 }

@@ -384,3 +384,35 @@ def test_zoo_models_on_the_shim_match_onnxruntime(name: str) -> None:
     got = engine.run(feeds)
     for output, value in expected.items():
         np.testing.assert_allclose(got[output], value, rtol=1e-4, atol=1e-4, err_msg=output)
+
+
+def test_split_and_expand_run_as_strided_copies() -> None:
+    nodes = [
+        helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=1, name="split"),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu"),
+        helper.make_node("Expand", ["a", "shape"], ["e"], name="expand"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "split",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 3])],
+        [
+            helper.make_tensor_value_info("rb", TensorProto.FLOAT, [2, 4, 3]),
+            helper.make_tensor_value_info("e", TensorProto.FLOAT, [3, 2, 2, 3]),
+        ],
+        [
+            numpy_helper.from_array(np.array([2, 4], np.int64), "sizes"),
+            numpy_helper.from_array(np.array([3, 2, 2, 3], np.int64), "shape"),
+        ],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    feeds = {"x": RNG.standard_normal((2, 6, 3)).astype(np.float32)}
+    engine = build(model, replace(SHIM, optimization_level="O0"))
+    plan = engine.launch_plan(feeds)
+    assert plan.host_layers == []
+    assert sum(launch.entry == "gie_slice_b4" for launch in launches(plan)) == 3
+    got, expected = engine.run(feeds), build(model).run(feeds)
+    for name in ("rb", "e"):
+        np.testing.assert_array_equal(got[name], expected[name])
