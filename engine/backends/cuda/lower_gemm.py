@@ -14,23 +14,23 @@ import math
 import numpy as np
 
 from engine.backends.cuda.activations import activation_arguments
-from engine.backends.cuda.launch_plan import DeviceBuffer, LibraryGemm
+from engine.backends.cuda.launch_plan import DeviceBuffer
 from engine.backends.cuda.lowering import LowerContext, LowerFunction, LoweringError
 from engine.backends.cuda.tactics import CATALOGUE, CudaTactic
 
 
-def _ceil(a: int, b: int) -> int:
+def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _is_matmul_kind(ctx: LowerContext) -> bool:
+def is_matmul_kind(ctx: LowerContext) -> bool:
     op = ctx.layer.op_type
     return op == "MatMul" or (
         op in ("GemmAct", "QGemm") and ctx.attrs.str("kind", "Gemm") == "MatMul"
     )
 
 
-def _epilogue(ctx: LowerContext) -> tuple[int, float, float, int]:
+def epilogue_arguments(ctx: LowerContext) -> tuple[int, float, float, int]:
     if ctx.layer.op_type in ("GemmAct", "ConvAct", "QGemm", "QConv"):
         code, alpha, beta = activation_arguments(ctx.attrs)
     else:
@@ -44,7 +44,7 @@ def gemm_operands(
     """(A as [M, K], B as row-major [K, N], M, N, K) of a MatMul / Gemm / gie::GemmAct layer
     whose B is 2-D (a constant B is uploaded once, transposed when ``transB``)."""
     a_shape, b_shape = ctx.input_shape(0), ctx.input_shape(b_index)
-    trans_b = 0 if _is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
+    trans_b = 0 if is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
     b_2d = b_shape[-2:] if len(b_shape) > 2 and math.prod(b_shape[:-2]) == 1 else b_shape
     if len(b_2d) != 2:
         raise LoweringError(f"B of shape {list(b_shape)} is not a matrix")
@@ -70,7 +70,7 @@ def gemm_operands(
     return a.with_shape((m, k)), b, m, n, k
 
 
-def _bias(ctx: LowerContext, index: int, n: int, dtype: np.dtype) -> DeviceBuffer | None:
+def bias_operand(ctx: LowerContext, index: int, n: int, dtype: np.dtype) -> DeviceBuffer | None:
     if not ctx.has_input(index):
         return None
     value = ctx.constant(index)
@@ -88,22 +88,22 @@ def lower_own_gemm(ctx: LowerContext, tactic: CudaTactic) -> None:
     """gemm_simt.cu / gemm_mma_f16.cu: C = epilogue(A @ B + bias)."""
     a, b, m, n, k = gemm_operands(ctx)
     dtype = ctx.input_dtype(0)
-    bias = _bias(ctx, 2, n, dtype) if ctx.layer.op_type in ("Gemm", "GemmAct") else None
+    bias = bias_operand(ctx, 2, n, dtype) if ctx.layer.op_type in ("Gemm", "GemmAct") else None
     residual = ctx.input(3) if ctx.layer.op_type == "GemmAct" else None
     out = ctx.output(0)
-    code, alpha, beta, first = _epilogue(ctx)
+    code, alpha, beta, first = epilogue_arguments(ctx)
     res = None if residual is None else residual.with_shape((m, n))
     args = (a, b, bias, res, out.with_shape((m, n)), m, n, k, k, n, n, code, alpha, beta, first)
     if "mma" in tactic.entry:
-        grid, block = (_ceil(n, 8), _ceil(m, 16)), (32,)
+        grid, block = (ceil_div(n, 8), ceil_div(m, 16)), (32,)
     else:
         defines = dict(tactic.defines)
         bm, bn = defines.get("GIE_GEMM_BM", 64), defines.get("GIE_GEMM_BN", 64)
-        grid, block = (_ceil(n, bn), _ceil(m, bm)), (256,)
+        grid, block = (ceil_div(n, bn), ceil_div(m, bm)), (256,)
     ctx.launch(tactic.kernel_file, tactic.entry, grid, block, args, tactic.defines)
 
 
-def _batch_strides(
+def batch_strides(
     ctx: LowerContext, a_index: int, b_index: int
 ) -> tuple[int, int, int, int, int, int]:
     """(batch, M, N, K, batch_a, batch_b) of a batched MatMul (batch dims equal or one side 1)."""
@@ -119,17 +119,17 @@ def _batch_strides(
 
 def lower_batched(ctx: LowerContext, tactic: CudaTactic) -> None:
     """gemm_batched.cu: C[z] = A[z] @ B[z] (scale 1)."""
-    batch, m, n, k, batch_a, batch_b = _batch_strides(ctx, 0, 1)
+    batch, m, n, k, batch_a, batch_b = batch_strides(ctx, 0, 1)
     a, b, out = ctx.input(0), ctx.input(1), ctx.output(0)
     args = (a, b, out, m, n, k, k, n, 1, n, batch_a, batch_b, m * n, 1.0)
     if "mma" in tactic.entry:
-        grid, block = (_ceil(n, 8), _ceil(m, 16), batch), (32,)
+        grid, block = (ceil_div(n, 8), ceil_div(m, 16), batch), (32,)
     else:
-        grid, block = (_ceil(n, 32), _ceil(m, 32), batch), (256,)
+        grid, block = (ceil_div(n, 32), ceil_div(m, 32), batch), (256,)
     ctx.launch(tactic.kernel_file, tactic.entry, grid, block, args)
 
 
-def _scalar(ctx: LowerContext, index: int, default: float) -> float:
+def constant_scalar(ctx: LowerContext, index: int, default: float) -> float:
     if not ctx.has_input(index):
         return default
     value = ctx.constant(index)
@@ -140,21 +140,21 @@ def _scalar(ctx: LowerContext, index: int, default: float) -> float:
 
 def lower_int8_gemm(ctx: LowerContext, tactic: CudaTactic) -> None:
     """gemm_int8.cu: gie::QGemm (per-channel w_scale, int32 bias, epilogue) and gie::QMatMul."""
-    x_scale = _scalar(ctx, 1, 1.0)
+    x_scale = constant_scalar(ctx, 1, 1.0)
     if ctx.layer.op_type == "QMatMul":
-        batch, m, n, k, batch_a, batch_b = _batch_strides(ctx, 0, 2)
+        batch, m, n, k, batch_a, batch_b = batch_strides(ctx, 0, 2)
         a, b = ctx.input(0), ctx.input(2)
         w_scale = ctx.weight(
-            f"qmm:{ctx.layer.name}:wscale", np.asarray([_scalar(ctx, 3, 1.0)], np.float32)
+            f"qmm:{ctx.layer.name}:wscale", np.asarray([constant_scalar(ctx, 3, 1.0)], np.float32)
         )
         bias = residual = None
-        y_scale = _scalar(ctx, 4, 1.0)
+        y_scale = constant_scalar(ctx, 4, 1.0)
         b_stride_k, b_stride_n, ldc, w_stride = n, 1, n, 0
         code, alpha, beta, first = 0, 0.0, 0.0, 1
     else:
         batch, batch_a, batch_b = 1, 0, 0
         a_shape, b_shape = ctx.input_shape(0), ctx.input_shape(2)
-        trans_b = 0 if _is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
+        trans_b = 0 if is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
         k, n = (b_shape[1], b_shape[0]) if trans_b else (b_shape[0], b_shape[1])
         m = math.prod(a_shape[:-1])
         a = ctx.input(0)
@@ -178,111 +178,17 @@ def lower_int8_gemm(ctx: LowerContext, tactic: CudaTactic) -> None:
         residual = ctx.input(5)
         if residual is not None and residual.dtype != "float32":
             raise LoweringError(f"the int8 epilogue adds a float32 residual, got {residual.dtype}")
-        y_scale = _scalar(ctx, 6, 1.0)
+        y_scale = constant_scalar(ctx, 6, 1.0)
         ldc = n
-        code, alpha, beta, first = _epilogue(ctx)
+        code, alpha, beta, first = epilogue_arguments(ctx)
     out = ctx.output(0)
     args = (
         a, b, bias, w_scale, residual, out, m, n, k, k, b_stride_k, b_stride_n, ldc,
         batch_a, batch_b, m * n, x_scale, w_stride, y_scale, code, alpha, beta, first,
     )  # fmt: skip
-    ctx.launch(tactic.kernel_file, tactic.entry, (_ceil(n, 8), _ceil(m, 16), batch), (32,), args)
-
-
-COMPUTE = {"cublas_fp32": "fp32", "cublas_tf32": "tf32", "cublas_fp16": "fp16"}
-
-
-def lower_cublas(ctx: LowerContext, tactic: CudaTactic) -> None:
-    """cuBLAS gemmEx (strided batched when both operands are batched); bias + activation then
-    run in place through elementwise.cu, a residual enters as C with beta = 1."""
-    dtype = ctx.input_dtype(0)
-    out = ctx.output(0)
-    b_shape = ctx.input_shape(1)
-    if len(b_shape) > 2 and math.prod(b_shape[:-2]) > 1:
-        batch, m, n, k, batch_a, batch_b = _batch_strides(ctx, 0, 1)
-        a, b = ctx.input(0), ctx.input(1)
-        assert a is not None and b is not None
-        bias = residual = None
-    else:
-        a, b, m, n, k = gemm_operands(ctx)
-        batch, batch_a, batch_b = 1, 0, 0
-        bias = _bias(ctx, 2, n, dtype) if ctx.layer.op_type in ("Gemm", "GemmAct") else None
-        residual = ctx.input(3) if ctx.layer.op_type == "GemmAct" else None
-    beta = 0.0
-    if residual is not None:
-        ctx.copy(residual, out)
-        beta = 1.0
-    ctx.steps.append(
-        LibraryGemm(
-            a,
-            b,
-            out,
-            m,
-            n,
-            k,
-            batch,
-            k,
-            n,
-            n,
-            batch_a,
-            batch_b,
-            m * n,
-            1.0,
-            beta,
-            COMPUTE[tactic.name],
-        )
+    ctx.launch(
+        tactic.kernel_file, tactic.entry, (ceil_div(n, 8), ceil_div(m, 16), batch), (32,), args
     )
-    code, alpha, act_beta, _ = _epilogue(ctx)
-    if bias is not None or code:
-        suffix = "f16" if dtype == np.float16 else "f32"
-        total = m * n * batch
-        view = out.with_shape((total // n, n))
-        ctx.launch(
-            "elementwise.cu",
-            f"gie_bias_act_{suffix}",
-            (min(_ceil(total, 256), 4096),),
-            (256,),
-            (view, bias, view, total // n, n, code, alpha, act_beta),
-        )
-
-
-def lower_cublas_int8(ctx: LowerContext, tactic: CudaTactic) -> None:
-    """gie::QGemm as a cuBLAS int8 GEMM (int32 accumulator in scratch), then
-    requant_epilogue.cu: the same epilogue as gemm_int8.cu, bit for bit."""
-    a_shape, b_shape = ctx.input_shape(0), ctx.input_shape(2)
-    trans_b = 0 if _is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
-    k, n = (b_shape[1], b_shape[0]) if trans_b else (b_shape[0], b_shape[1])
-    m = math.prod(a_shape[:-1])
-    weight, scales = ctx.constant(2), ctx.constant(3)
-    if weight is None or scales is None:
-        raise LoweringError("gie::QGemm needs a constant int8 weight and weight scales")
-    array = np.asarray(weight, np.int8)
-    b = ctx.weight(
-        f"{ctx.layer.inputs[2]}:s8:kn", np.ascontiguousarray(array.T if trans_b else array)
-    )
-    scales = np.asarray(scales, np.float32).reshape(-1)
-    w_scale = ctx.weight(f"{ctx.layer.inputs[3]}:wscale", scales)
-    a = ctx.input(0)
-    assert a is not None
-    acc = ctx.scratch((m, n), np.int32)
-    ctx.steps.append(
-        LibraryGemm(a.with_shape((m, k)), b, acc, m, n, k, 1, k, n, n, 0, 0, 0, 1.0, 0.0, "int8")
-    )
-    bias_value = ctx.constant(4)
-    bias = None
-    if bias_value is not None:
-        bias = ctx.weight(
-            f"{ctx.layer.inputs[4]}:s32", np.asarray(bias_value, np.int32).reshape(-1)
-        )
-    residual = ctx.input(5)
-    code, alpha, beta, first = _epilogue(ctx)
-    out = ctx.output(0)
-    args = (
-        acc, bias, w_scale, residual, out, m, n, _scalar(ctx, 1, 1.0), int(scales.size > 1),
-        _scalar(ctx, 6, 1.0), code, alpha, beta, first,
-    )  # fmt: skip
-    grid = (max(1, min(_ceil(m * n, 256), 4096)),)
-    ctx.launch(tactic.kernel_file, tactic.entry, grid, (256,), args)
 
 
 def lower_sparse(ctx: LowerContext, tactic: CudaTactic) -> None:
@@ -297,7 +203,7 @@ def lower_sparse(ctx: LowerContext, tactic: CudaTactic) -> None:
     if weight is None:
         raise LoweringError("the 2:4 weight is not a constant")
     weight = np.asarray(weight)
-    trans_b = 0 if _is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
+    trans_b = 0 if is_matmul_kind(ctx) else ctx.attrs.int("transB", 0)
     matrix = weight.reshape(weight.shape[-2:]) if weight.ndim > 2 else weight
     matrix = matrix if trans_b else matrix.T  # [out, K]
     out_channels, k = matrix.shape
@@ -314,7 +220,7 @@ def lower_sparse(ctx: LowerContext, tactic: CudaTactic) -> None:
     x = ctx.input(0)
     out = ctx.output(0)
     assert x is not None
-    code, alpha, beta, first = _epilogue(ctx)
+    code, alpha, beta, first = epilogue_arguments(ctx)
     geometry = (out_channels, rows, k, rows_p, 1, k, 1, out_channels)
     if int8:
         scales = ctx.constant(3)
@@ -330,70 +236,15 @@ def lower_sparse(ctx: LowerContext, tactic: CudaTactic) -> None:
             )
         args = (
             values, metadata, x, bias, w_scale, ctx.input(5), out, *geometry,
-            _scalar(ctx, 1, 1.0), int(scales.size > 1), _scalar(ctx, 6, 1.0),
+            constant_scalar(ctx, 1, 1.0), int(scales.size > 1), constant_scalar(ctx, 6, 1.0),
             code, alpha, beta, first,
         )  # fmt: skip
     else:
-        bias = _bias(ctx, 2, out_channels, dtype) if ctx.layer.op_type != "MatMul" else None
+        bias = bias_operand(ctx, 2, out_channels, dtype) if ctx.layer.op_type != "MatMul" else None
         residual = ctx.input(3) if ctx.layer.op_type == "GemmAct" else None
         args = (values, metadata, x, bias, residual, out, *geometry, code, alpha, beta, first)
-    grid = (_ceil(rows, 8), _ceil(out_channels, 16))
+    grid = (ceil_div(rows, 8), ceil_div(out_channels, 16))
     ctx.launch(tactic.kernel_file, tactic.entry, grid, (32,), args)
-
-
-def lower_im2col_cublas(ctx: LowerContext, tactic: CudaTactic) -> None:
-    """Convolution as im2col (data_movement.cu, NHWC) + one cuBLAS GEMM with the KRSC weight,
-    then the epilogue: bias + activation in place, the residual through beta = 1 (before the
-    activation) or a generated add (after it)."""
-    from engine.backends.cuda.lower_conv import stride_grid, window
-    from engine.backends.cuda.pointwise_codegen import generate
-
-    weight = ctx.constant(1)
-    if weight is None:
-        raise LoweringError("the convolution weight is not a constant")
-    dtype = ctx.input_dtype(0)
-    n, c, h, w = ctx.input_shape(0)
-    m, _, kh, kw = weight.shape
-    g = window(ctx, (kh, kw))
-    pixels, depth = n * g.oh * g.ow, kh * kw * c
-    krsc = np.ascontiguousarray(np.asarray(weight).transpose(0, 2, 3, 1).reshape(m, depth).T)
-    b = ctx.weight(f"{ctx.layer.inputs[1]}:im2col_km:{dtype}", krsc.astype(dtype))
-    x = ctx.input(0, "nhwc")
-    col = ctx.scratch((pixels, depth), dtype)
-    args = (
-        x, col, n, h, w, c, kh, kw, g.oh, g.ow, g.stride_h, g.stride_w, g.pad_top, g.pad_left,
-        g.dil_h, g.dil_w, 0, c, depth,
-    )  # fmt: skip
-    ctx.launch(tactic.kernel_file, tactic.entry, stride_grid(pixels * depth), (256,), args)
-    y = ctx.output(0, "nhwc")
-    flat = DeviceBuffer(y.region, y.offset, y.dtype, (pixels, m))
-    fused = ctx.layer.op_type == "ConvAct"
-    residual = ctx.input(3, "nhwc") if fused else None
-    code, alpha, act_beta, first = _epilogue(ctx)
-    beta = 0.0
-    if residual is not None and (first or not code):
-        ctx.copy(residual, y)
-        beta = 1.0
-    compute = (
-        "fp16" if dtype == np.float16 else ("tf32" if tactic.precisions == {"tf32"} else "fp32")
-    )
-    ctx.steps.append(
-        LibraryGemm(col, b, flat, pixels, m, depth, 1, depth, m, m, 0, 0, 0, 1.0, beta, compute)
-    )
-    bias = _bias(ctx, 2, m, dtype)
-    suffix = "f16" if dtype == np.float16 else "f32"
-    if bias is not None or code:
-        view = (flat, bias, flat, pixels, m, code, alpha, act_beta)
-        ctx.launch(
-            "elementwise.cu", f"gie_bias_act_{suffix}", stride_grid(pixels * m), (256,), view
-        )
-    if residual is not None and beta == 0.0:
-        kernel = generate("add(x0, x1)", [dtype, dtype], dtype, 1)
-        res = DeviceBuffer(residual.region, residual.offset, residual.dtype, (pixels, m))
-        ctx.launch(
-            None, kernel.contiguous_entry, stride_grid(pixels * m), (256,),
-            (flat, res, flat, pixels * m), text=kernel.source,
-        )  # fmt: skip
 
 
 def _bind(function, tactic: CudaTactic) -> LowerFunction:  # type: ignore[no-untyped-def]
@@ -410,14 +261,8 @@ def _lowering_for(tactic: CudaTactic) -> LowerFunction | None:
         return _bind(lower_batched, tactic)
     if tactic.family == "gemm_int8":
         return _bind(lower_int8_gemm, tactic)
-    if tactic.name in COMPUTE:
-        return _bind(lower_cublas, tactic)
     if tactic.family == "sparse":
         return _bind(lower_sparse, tactic)
-    if tactic.name.startswith("cublas_int8"):
-        return _bind(lower_cublas_int8, tactic)
-    if tactic.name.startswith("im2col_cublas"):
-        return _bind(lower_im2col_cublas, tactic)
     return None
 
 

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.backends.cuda.lower_gemm import _bias, _ceil, _epilogue, gemm_operands
+from engine.backends.cuda.lower_gemm import (
+    bias_operand,
+    ceil_div,
+    epilogue_arguments,
+    gemm_operands,
+)
 from engine.backends.cuda.lowering import LowerContext, LowerFunction, LoweringError
 from engine.backends.cuda.tactic_checks import Check, check_own_gemm, gemm_dims
 from engine.backends.cuda.tactics import F16_ONLY, F16S, GEMM_OPS, CudaTactic
@@ -67,7 +72,7 @@ class PipelinedTile:
         )
 
     def grid(self, m: int, n: int) -> tuple[int, int]:
-        return _ceil(n, self.bn), _ceil(m, self.bm)
+        return ceil_div(n, self.bn), ceil_div(m, self.bm)
 
 
 #: The variants offered to the selector: 8 warps of 64 x 32 (3 stages: 48 KB, 4 stages: 64 KB),
@@ -94,7 +99,7 @@ def pipelined_check(tile: PipelinedTile) -> Check:
         odd = [f"{name} = {value}" for name, value in (("K", k), ("N", n)) if value % 8]
         if odd:
             return f"{' and '.join(odd)}: K and N must be multiples of 8 (16-byte cp.async rows)"
-        if _ceil(m, tile.bm) > MAX_GRID_Y:
+        if ceil_div(m, tile.bm) > MAX_GRID_Y:
             return f"M = {m} needs more than {MAX_GRID_Y} tile rows of {tile.bm}"
         if tile.bm > 64 and m <= tile.bm // 2 and n <= tile.bn // 2:
             return (
@@ -116,15 +121,15 @@ def lower_pipelined_gemm(ctx: LowerContext, tile: PipelinedTile) -> None:
     dtype = ctx.input_dtype(0)
     if dtype != np.float16:
         raise LoweringError(f"{tile.name} runs fp16 operands, got {dtype}")
-    bias = _bias(ctx, 2, n, dtype) if ctx.layer.op_type in ("Gemm", "GemmAct") else None
+    bias = bias_operand(ctx, 2, n, dtype) if ctx.layer.op_type in ("Gemm", "GemmAct") else None
     residual = ctx.input(3) if ctx.layer.op_type == "GemmAct" else None
     res = None if residual is None else residual.with_shape((m, n))
     out = ctx.output(0).with_shape((m, n))
-    code, alpha, beta, first = _epilogue(ctx)
+    code, alpha, beta, first = epilogue_arguments(ctx)
     args = (a, b, bias, res, out, m, n, k, k, n, n, code, alpha, beta, first)
     if k % 8 or n % 8 or not _aligned(a, b, bias, res, out):
         # Same arguments and epilogue, any alignment.
-        ctx.launch(FALLBACK_FILE, FALLBACK_ENTRY, (_ceil(n, 8), _ceil(m, 16)), (32,), args)
+        ctx.launch(FALLBACK_FILE, FALLBACK_ENTRY, (ceil_div(n, 8), ceil_div(m, 16)), (32,), args)
         return
     ctx.launch(
         KERNEL_FILE,

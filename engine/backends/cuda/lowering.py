@@ -190,7 +190,7 @@ def layout_launch(src: DeviceBuffer, dst: DeviceBuffer) -> KernelLaunch:
             (src,),
             (dst,),
         )
-    from engine.backends.cuda.lower_data_movement import (
+    from engine.backends.cuda.data_movement_args import (
         THREADS,
         as_bits,
         blocks_for,

@@ -16,12 +16,14 @@ from engine.backends.cuda.lowering import LowerFunction
 #: The lowering modules, in the order their tactics join the catalogue.
 MODULES = (
     "lower_gemm",
+    "lower_cublas",
     "lower_conv",
     "lower_misc",
     "lower_gemm_fast",
     "lower_conv_tc",
     "lower_attention",
     "lower_data_movement",
+    "lower_resize",
     "lower_rnn",
 )
 

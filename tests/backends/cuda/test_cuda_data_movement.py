@@ -20,6 +20,7 @@ import pytest
 
 from engine.backends.cuda import lower_data_movement as dm
 from engine.backends.cuda import lower_misc, nvrtc, shim_runner
+from engine.backends.cuda import lower_resize as rs
 from engine.backends.cuda.executor import CudaRunner
 from engine.backends.cuda.launch_plan import KernelLaunch, KernelSource
 from engine.backends.cuda.lowering import _const_pointers, lower_launch_plan
@@ -244,8 +245,8 @@ def run_resize(
 ) -> np.ndarray:
     """The kernel's NCHW result of Resize(x) (x NCHW; moved to NHWC and back when ``nhwc``)."""
     attrs = Attrs(attributes)
-    modes = dm.resize_modes(attrs, 19)
-    geometry = dm.resize_geometry(x.shape, scales, sizes, attrs)
+    modes = rs.resize_modes(attrs, 19)
+    geometry = rs.resize_geometry(x.shape, scales, sizes, attrs)
     assert not isinstance(modes, str) and not isinstance(geometry, str), (modes, geometry)
     oh, ow, scale_h, scale_w = geometry
     n, c, h, w = x.shape
@@ -326,9 +327,9 @@ def test_resize_opset10_simple_nearest_and_identity_axis(resize) -> None:
     x = RNG.standard_normal((1, 1, 6, 4)).astype(np.float32)
     scales = np.asarray([1, 1, 0.5, 1], np.float32)
     attrs = Attrs({"mode": "nearest"})
-    modes = dm.resize_modes(attrs, 10)
+    modes = rs.resize_modes(attrs, 10)
     assert modes == (0, 1, 4)
-    geometry = dm.resize_geometry(x.shape, scales, None, attrs)
+    geometry = rs.resize_geometry(x.shape, scales, None, attrs)
     assert not isinstance(geometry, str)
     oh, ow, scale_h, scale_w = geometry
     want = reference("Resize", [x, scales], {"mode": "nearest"}, opset=10)
@@ -340,13 +341,13 @@ def test_resize_opset10_simple_nearest_and_identity_axis(resize) -> None:
 
 
 def test_resize_refusals() -> None:
-    assert isinstance(dm.resize_modes(Attrs({"mode": "cubic"}), 19), str)
+    assert isinstance(rs.resize_modes(Attrs({"mode": "cubic"}), 19), str)
     attrs = Attrs({"coordinate_transformation_mode": "tf_crop_and_resize"})
-    assert isinstance(dm.resize_modes(attrs, 19), str)
-    assert isinstance(dm.resize_modes(Attrs({"mode": "linear", "antialias": 1}), 19), str)
+    assert isinstance(rs.resize_modes(attrs, 19), str)
+    assert isinstance(rs.resize_modes(Attrs({"mode": "linear", "antialias": 1}), 19), str)
     channels = np.asarray([1, 2, 1, 1], np.float32)
-    assert isinstance(dm.resize_geometry((1, 2, 3, 3), channels, None, Attrs({})), str)
-    assert isinstance(dm.resize_geometry((2, 3, 3), None, None, Attrs({})), str)
+    assert isinstance(rs.resize_geometry((1, 2, 3, 3), channels, None, Attrs({})), str)
+    assert isinstance(rs.resize_geometry((2, 3, 3), None, None, Attrs({})), str)
 
 
 # --------------------------------------------------------------------------- im2col
@@ -435,8 +436,8 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(nvrtc_cache) -> None:
 
 
 def test_tactics_and_lowerings_cover_every_width() -> None:
-    names = {t.name for t in dm.TACTICS}
-    assert names == set(dm.LOWERINGS)
+    names = {t.name for t in dm.TACTICS + rs.TACTICS}
+    assert names == set(dm.LOWERINGS) | set(rs.LOWERINGS)
     for kind in ("transpose", "slice", "concat", "gather"):
         for suffix in ("b1", "b2", "b4", "b8"):
             tactic = next(t for t in dm.TACTICS if t.name == f"{kind}_{suffix}")
@@ -444,7 +445,7 @@ def test_tactics_and_lowerings_cover_every_width() -> None:
             source = KernelSource(file=tactic.kernel_file)
             const = _const_pointers(source, tactic.entry)  # what the lowering reads
             assert const[:2] == [True, kind == "gather"], (tactic.entry, const)
-    for tactic in (t for t in dm.TACTICS if t.name.startswith("resize")):
+    for tactic in (t for t in rs.TACTICS if t.name.startswith("resize")):
         assert _const_pointers(KernelSource(file=tactic.kernel_file), tactic.entry)[:2] == [
             True,
             False,
@@ -506,11 +507,11 @@ def test_lowered_layers_run_the_kernels(shim_cache, dtype) -> None:
     x = RNG.standard_normal((1, 3, 5, 6)).astype(dtype)  # finite: Resize interpolates
     shapes = {"X": (1, 3, 5, 6)}
     plan = lower(model, shapes)
-    lowerings = dict(dm.LOWERINGS)
+    lowerings = {**dm.LOWERINGS, **rs.LOWERINGS}
     lowerings.update(lower_misc.LOWERINGS)  # the Reshape copy
     chosen = {}
     for layer in plan.layers:
-        for tactic in dm.TACTICS + lower_misc.TACTICS:
+        for tactic in dm.TACTICS + rs.TACTICS + lower_misc.TACTICS:
             dtypes_ok = plan.specs[layer.inputs[0]].dtype in tactic.dtypes
             if layer.qualified_op in tactic.ops and dtypes_ok:
                 assert tactic.check is None or tactic.check(layer, plan) is None, tactic.name
@@ -606,7 +607,7 @@ def test_concat_and_resize_stay_in_nhwc_after_a_convolution(shim_cache) -> None:
     )
     shapes = {"X": (1, 3, 5, 4)}
     plan = lower(model, shapes)
-    lowerings = {**dm.LOWERINGS, **lower_conv.LOWERINGS}
+    lowerings = {**dm.LOWERINGS, **rs.LOWERINGS, **lower_conv.LOWERINGS}
     for layer in plan.layers:
         if layer.op_type == "Conv":
             layer.tactic = next(n for n in lower_conv.LOWERINGS if n.startswith("conv_igemm_f32"))
