@@ -66,7 +66,7 @@ demo: setup
 	fi && \
 	echo "== python -m studio $$model --out $(OUT)/studio (session: engine, recipe, QDQ, report)" && \
 	$(PY) -m studio "$$model" --out $(OUT)/studio --fp16 && \
-	echo "wrote $(OUT)/: optimized.onnx, steps.json, model.gie, timing_cache.json (+ int8 engine, calibration cache, QDQ model) and $(OUT)/studio/report.html (open it offline, or: make lab)"
+	echo "wrote $(OUT)/: optimized.onnx, steps.json, model.gie, timing_cache.json$(if $(MODEL),, (+ int8 engine, calibration cache, QDQ model)) and $(OUT)/studio/ (engine, recipe, QDQ model, report.html: open it offline, or: make lab)"
 
 # The browser tests (tests/e2e) drive Debian's chromium; install it when missing and we are
 # root, else they skip with the reason. Never `playwright install` (no downloaded browsers).
