@@ -102,6 +102,9 @@ class CupyDevice:
             data = data.transpose(0, 2, 3, 1)
         self.synchronize()
         self._array(buffer).set(np.ascontiguousarray(data).reshape(-1))
+        # A pageable host copy may still be in flight when set() returns, and the engine's
+        # streams do not wait for the legacy default stream: finish it before any launch.
+        self._cupy.cuda.runtime.deviceSynchronize()
 
     def read(self, buffer: DeviceBuffer) -> np.ndarray:
         self.synchronize()
@@ -125,7 +128,9 @@ class CupyDevice:
         return self._modules[key]
 
     def load(self, launch: KernelLaunch) -> None:
-        self._module(launch.source)
+        """Compile (or take from the cache) and load the launch's function now: nothing is
+        compiled or loaded while a CUDA graph is being captured."""
+        self._module(launch.source).prepare(launch.entry)
 
     def ensure_streams(self, count: int) -> None:
         """Create streams up to ``count`` now (a graph capture cannot create them later)."""

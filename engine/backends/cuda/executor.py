@@ -131,22 +131,30 @@ class CudaRunner:
         """Outputs (plain layout, host arrays) for ``feeds``."""
         self._write_feeds(feeds)
         if self.use_graph:
-            if self._graph is None:
-                self._graph = self.device.capture(self.issue)  # type: ignore[attr-defined]
-            self.device.replay(self._graph)  # type: ignore[attr-defined]
-            self.graph_replays += 1
+            self._replay()
         else:
             self.issue()
         self.device.synchronize()
         return self._read_outputs()
 
+    def _capture(self) -> Any:
+        """The CUDA graph of one issue, captured after one eager issue (which loads every
+        function and lets cuBLAS allocate its workspace outside the capture)."""
+        if self._graph is None:
+            self.issue()
+            self.device.synchronize()
+            self._graph = self.device.capture(self.issue)  # type: ignore[attr-defined]
+        return self._graph
+
+    def _replay(self) -> None:
+        self.device.replay(self._capture())  # type: ignore[attr-defined]
+        self.graph_replays += 1
+
     def time_run_ms(self, feeds: Mapping[str, np.ndarray]) -> float:
         """Device time of one whole run (feeds uploaded before the clock starts)."""
         self._write_feeds(feeds)
         if self.use_graph:
-            if self._graph is None:
-                self._graph = self.device.capture(self.issue)  # type: ignore[attr-defined]
-            graph = self._graph
+            graph = self._capture()
             return self.device.elapsed_ms(lambda: self.device.replay(graph))  # type: ignore[attr-defined]
         return self.device.elapsed_ms(self.issue)
 

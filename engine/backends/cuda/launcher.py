@@ -192,6 +192,14 @@ class CudaModule:
         self._loader = loader or cupy_function
         self._functions: dict[str, LaunchFunction] = {}
 
+    def prepare(self, entry: str) -> None:
+        """Load ``entry``'s function now (it is otherwise loaded at its first launch)."""
+        if entry not in self.entries:
+            known = sorted(self.entries)
+            raise LaunchError(f"{self.result.name} has no kernel {entry!r}; it has {known}")
+        if entry not in self._functions:
+            self._functions[entry] = self._loader(self.result.binary, entry)
+
     def launch(
         self,
         entry: str,

@@ -46,13 +46,20 @@ class ShimDevice:
     """Runs launch plans on the CPU (see the module docstring)."""
 
     name = "cpu-shim"
-    supports_graphs = False
 
     def __init__(
-        self, cache_dir: str | Path | None = None, interleave: bool = False, seed: int = 0
+        self,
+        cache_dir: str | Path | None = None,
+        interleave: bool = False,
+        seed: int = 0,
+        graphs: bool = False,
     ) -> None:
         self.cache_dir = cache_dir
         self.interleave = interleave
+        #: With ``graphs``, :meth:`capture` records the issued work and :meth:`replay` runs
+        #: the recording (what a CUDA graph is), so the executor's graph path runs here too.
+        self.supports_graphs = graphs
+        self._recording: list[tuple[int, tuple[str, Any]]] | None = None
         self._random = random.Random(seed)
         self._memory: dict[str, dict[str, np.ndarray]] = {}
         self._owner = "default"
@@ -184,6 +191,9 @@ class ShimDevice:
         self._enqueue(stream, ("wait", event))
 
     def _enqueue(self, stream: int, item: tuple[str, Any]) -> None:
+        if self._recording is not None:
+            self._recording.append((stream, item))
+            return
         if not self.interleave:
             self._execute(item)
             return
@@ -198,6 +208,8 @@ class ShimDevice:
 
     def synchronize(self) -> None:
         """Run everything queued (in a random order the events allow, when interleaving)."""
+        if self._recording is not None:
+            return
         while any(self._queues.values()):
             ready = [
                 s
@@ -208,6 +220,19 @@ class ShimDevice:
                 raise RuntimeError("stream deadlock: every queue waits for an unrecorded event")
             stream = self._random.choice(sorted(ready))
             self._execute(self._queues[stream].pop(0))
+
+    def capture(self, issue: Callable[[], None]) -> list[tuple[int, tuple[str, Any]]]:
+        """The work ``issue`` submits, recorded instead of run (a CUDA graph's stand-in)."""
+        self._recording = []
+        try:
+            issue()
+            return self._recording
+        finally:
+            self._recording = None
+
+    def replay(self, graph: list[tuple[int, tuple[str, Any]]]) -> None:
+        for stream, item in graph:
+            self._enqueue(stream, item)
 
     def elapsed_ms(self, run: Callable[[], object]) -> float:
         """Wall time of ``run`` followed by a synchronize (the shim has no events)."""

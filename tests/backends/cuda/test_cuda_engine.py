@@ -416,3 +416,19 @@ def test_split_and_expand_run_as_strided_copies() -> None:
     got, expected = engine.run(feeds), build(model).run(feeds)
     for name in ("rb", "e"):
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_graph_path_captures_once_and_replays_with_new_feeds() -> None:
+    engine = build(tiny_cnn(), SHIM)
+    first, second = cnn_feeds(), cnn_feeds()
+    plan = engine.launch_plan(first)
+    runner = CudaRunner(plan, ShimDevice(graphs=True), streams=2)
+    assert runner.use_graph
+    for feeds in (first, second, first):
+        expected = build(tiny_cnn()).run(feeds)["y"]
+        np.testing.assert_allclose(runner.run(feeds)["y"], expected, rtol=1e-5, atol=1e-6)
+    assert runner.graph_replays == 3
+    graph = runner._graph
+    assert graph is not None and len(graph) >= plan.kernel_count()
+    host = build(tiny_cnn(), replace(SHIM, tactic_pins=(("fc", "host"),))).launch_plan(first)
+    assert not CudaRunner(host, ShimDevice(graphs=True)).use_graph  # a host step: no graph
