@@ -12,11 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from engine.backends.cuda.activations import activation_arguments
 from engine.backends.cuda.launch_plan import DeviceBuffer
 from engine.backends.cuda.lowering import LowerContext, LowerFunction, LoweringError
+from engine.backends.cuda.tactic_checks import input_name, static_shape
 from engine.backends.cuda.tactics import CATALOGUE, CudaTactic
+from engine.build.plan import Layer, Plan
+from engine.config import Precision
 from engine.ops.conv import window_attrs, window_geometry
 
 #: Largest grid of the grid-stride kernels (blocks); any grid is correct for them.
@@ -198,6 +202,48 @@ def lower_pool(ctx: LowerContext, tactic: CudaTactic) -> None:
     ctx.launch(tactic.kernel_file, tactic.entry, stride_grid(n * g.oh * g.ow * c), (256,), args)
 
 
+def conv_transpose_check(layer: Layer, plan: Plan) -> str | None:
+    """kernels/conv_transpose.cu: 2-D, constant weight, static shapes."""
+    x = static_shape(plan, input_name(layer, 0))
+    w = plan.constants.get(input_name(layer, 1))
+    out = static_shape(plan, layer.outputs[0])
+    if x is None or out is None or len(x) != 4:
+        return "only 2-D transposed convolutions with static shapes"
+    if w is None:
+        return "the weight is not a constant"
+    return None
+
+
+def lower_conv_transpose(ctx: LowerContext, tactic: CudaTactic) -> None:
+    """ConvTranspose in gather form over NHWC (geometry from the reference's own function)."""
+    from engine.ops.conv import _transpose_geometry
+
+    weight = ctx.constant(1)
+    if weight is None:
+        raise LoweringError("the weight is not a constant")
+    dtype = ctx.input_dtype(0)
+    n, c, h, w = ctx.input_shape(0)
+    groups = ctx.attrs.int("group", 1)
+    kh, kw = weight.shape[2:]
+    _, m, oh, ow = ctx.output_shape(0)
+    _, begins = _transpose_geometry((h, w), (kh, kw), ctx.attrs)
+    strides = ctx.attrs.ints("strides") or [1, 1]
+    dilations = ctx.attrs.ints("dilations") or [1, 1]
+    w_buffer = ctx.weight(f"{ctx.layer.inputs[1]}:cmrs:{dtype}", np.asarray(weight, dtype))
+    bias = None
+    value = ctx.constant(2)
+    if value is not None:
+        bias = ctx.weight(
+            f"{ctx.layer.inputs[2]}:bias:{dtype}", np.asarray(value, dtype).reshape(m)
+        )
+    x, y = ctx.input(0, "nhwc"), ctx.output(0, "nhwc")
+    args = (
+        x, w_buffer, bias, y, n, h, w, c, m, oh, ow, kh, kw, strides[0], strides[1],
+        begins[0], begins[1], dilations[0], dilations[1], groups,
+    )  # fmt: skip
+    ctx.launch(tactic.kernel_file, tactic.entry, stride_grid(n * oh * ow * m), (256,), args)
+
+
 def _bind(function, tactic: CudaTactic) -> LowerFunction:  # type: ignore[no-untyped-def]
     def lower(ctx: LowerContext) -> None:
         function(ctx, tactic)
@@ -220,4 +266,13 @@ LOWERINGS: dict[str, LowerFunction] = {
     and "mma" not in t.name
     and "imma" not in t.name
 } | {t.name: _bind(lower_conv_1x1, t) for t in CATALOGUE if t.name == "conv1x1_gemm_mma_f16"}
-TACTICS: list[CudaTactic] = []
+TACTICS: list[CudaTactic] = [
+    CudaTactic(f"conv_transpose_{suffix}", "conv_transpose", frozenset({"ConvTranspose"}),
+               "conv_transpose.cu", f"gie_conv_transpose_{suffix}", (), conv_transpose_check,
+               cc, frozenset({dtype}), precisions)
+    for suffix, dtype, precisions, cc in (
+        ("f32", ir.DataType.FLOAT, frozenset({Precision.FP32, Precision.TF32}), (5, 0)),
+        ("f16", ir.DataType.FLOAT16, frozenset({Precision.FP16}), (5, 3)),
+    )
+]  # fmt: skip
+LOWERINGS.update({t.name: _bind(lower_conv_transpose, t) for t in TACTICS})

@@ -91,6 +91,7 @@ CUDA_TACTIC_FAMILIES: dict[str, str] = {
     "reshape": "reshape-like ops as a device copy (none when the memory plan aliases them)",
     "data_movement": "transpose, concat, slice, gather, resize, im2col",
     "conv_tensor_core": "implicit-GEMM convolution on tensor cores (fp16 mma, int8 IMMA)",
+    "conv_transpose": "transposed convolution in gather form over NHWC",
 }
 
 F32, F16, I8 = ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.INT8

@@ -432,3 +432,36 @@ def test_graph_path_captures_once_and_replays_with_new_feeds() -> None:
     assert graph is not None and len(graph) >= plan.kernel_count()
     host = build(tiny_cnn(), replace(SHIM, tactic_pins=(("fc", "host"),))).launch_plan(first)
     assert not CudaRunner(host, ShimDevice(graphs=True)).use_graph  # a host step: no graph
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+        {"strides": [2, 1], "dilations": [1, 2], "group": 2},
+        {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+    ],
+)
+def test_conv_transpose_runs_as_a_cuda_kernel(attributes: dict) -> None:
+    rng = np.random.default_rng(3)
+    group = attributes.get("group", 1)
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="up", **attributes)]
+    graph = helper.make_graph(
+        nodes,
+        "up",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            _init("w", rng.standard_normal((4, 6 // group, 3, 3))),
+            _init("b", rng.standard_normal(6)),
+        ],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    feeds = {"x": RNG.standard_normal((1, 4, 5, 4)).astype(np.float32)}
+    engine = build(model, SHIM)
+    assert engine.plan.layer("up").tactic == "conv_transpose_f32"
+    np.testing.assert_allclose(
+        engine.run(feeds)["y"], build(model).run(feeds)["y"], rtol=1e-5, atol=1e-5
+    )
