@@ -42,7 +42,7 @@
 // Limits: N * H * W and N * OH * OW below 2^31 pixels (element offsets are 64-bit).
 // Not fast yet: SIMT only (no tensor cores), no vectorized or asynchronous loads, no
 // double buffering, int32 index math with runtime division. int8 (IMMA) is a future kernel.
-#include "gie_prelude.cuh"
+#include "gie_conv.cuh"
 
 #ifndef GIE_CONV_BM
 #define GIE_CONV_BM 64
@@ -63,7 +63,6 @@ static_assert(GIE_CONV_BM % 16 == 0 && GIE_CONV_BN % 16 == 0, "tiles are multipl
 static_assert(GIE_CONV_THREADS % GIE_CONV_BK == 0, "BK divides the block");
 
 // A row that is past the last output pixel: every tap of it lands outside the input.
-#define GIE_CONV_NO_ROW (-(1 << 29))
 
 template <typename T>
 __device__ void conv_implicit_gemm(const T* __restrict__ x, const T* __restrict__ w,
@@ -90,22 +89,8 @@ __device__ void conv_implicit_gemm(const T* __restrict__ x, const T* __restrict_
     const int row0 = blockIdx.x * GIE_CONV_BM;
     const int col0 = blockIdx.y * GIE_CONV_BN;
 
-    for (int r = tid; r < GIE_CONV_BM; r += GIE_CONV_THREADS) {
-        const int p = row0 + r;
-        if (p < P) {
-            const int ow = p % OW;
-            const int rest = p / OW;
-            const int oh = rest % OH;
-            const int n = rest / OH;
-            row_pixel[r] = n * H * W;
-            row_ih[r] = oh * stride_h - pad_top;
-            row_iw[r] = ow * stride_w - pad_left;
-        } else {
-            row_pixel[r] = 0;
-            row_ih[r] = GIE_CONV_NO_ROW;
-            row_iw[r] = GIE_CONV_NO_ROW;
-        }
-    }
+    gie_conv_decode_rows(row_pixel, row_ih, row_iw, GIE_CONV_BM, GIE_CONV_THREADS, row0, P,
+                         OH, OW, H, W, stride_h, stride_w, pad_top, pad_left);
 
     float acc[GIE_CONV_TM][GIE_CONV_TN];
 #pragma unroll

@@ -35,7 +35,7 @@
 // BN / WARPS_N multiples of 16.
 // Launch: grid (ceil(P / BM), ceil(Mg / BN), groups), block 32 * WARPS_M * WARPS_N.
 // Limits: N * H * W and N * OH * OW below 2^31 pixels (element offsets are 64-bit).
-#include "gie_prelude.cuh"
+#include "gie_conv.cuh"
 
 #ifndef GIE_CONVI8_BM
 #define GIE_CONVI8_BM 64
@@ -71,7 +71,7 @@ static_assert(GIE_CONVI8_WM % 16 == 0 && GIE_CONVI8_WN % 16 == 0,
 static_assert(GIE_CONVI8_THREADS % GIE_CONVI8_CHUNKS == 0, "BK / 16 divides the block");
 
 // A row past the last output pixel: every tap of it lands outside the input.
-#define GIE_CONVI8_NO_ROW (-(1 << 29))
+#define GIE_CONVI8_NO_ROW GIE_CONV_NO_ROW
 
 __device__ __forceinline__ void gie_conv_i8_zero16(signed char* shared) {
     unsigned* words = reinterpret_cast<unsigned*>(shared);
@@ -104,22 +104,8 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
     const int row0 = blockIdx.x * GIE_CONVI8_BM;
     const int col0 = blockIdx.y * GIE_CONVI8_BN;
 
-    for (int r = tid; r < GIE_CONVI8_BM; r += GIE_CONVI8_THREADS) {
-        const int p = row0 + r;
-        if (p < P) {
-            const int ow = p % OW;
-            const int rest = p / OW;
-            const int oh = rest % OH;
-            const int n = rest / OH;
-            row_pixel[r] = n * H * W;
-            row_ih[r] = oh * stride_h - pad_top;
-            row_iw[r] = ow * stride_w - pad_left;
-        } else {
-            row_pixel[r] = 0;
-            row_ih[r] = GIE_CONVI8_NO_ROW;
-            row_iw[r] = GIE_CONVI8_NO_ROW;
-        }
-    }
+    gie_conv_decode_rows(row_pixel, row_ih, row_iw, GIE_CONVI8_BM, GIE_CONVI8_THREADS, row0, P,
+                         OH, OW, H, W, stride_h, stride_w, pad_top, pad_left);
 
     // This thread copies the 16-channel vector `chunk` of k for rows load_row + i *
     // ROWS_PER_PASS of both tiles; its tap (r, s) and channel c advance by BK a step.

@@ -38,7 +38,7 @@
 // BN / WARPS_N multiples of 16.
 // Launch: grid (ceil(P / BM), ceil(Mg / BN), groups), block 32 * WARPS_M * WARPS_N.
 // Limits: N * H * W and N * OH * OW below 2^31 pixels (element offsets are 64-bit).
-#include "gie_prelude.cuh"
+#include "gie_conv.cuh"
 
 #ifndef GIE_CONVMMA_BM
 #define GIE_CONVMMA_BM 64
@@ -74,7 +74,7 @@ static_assert(GIE_CONVMMA_WM % 16 == 0 && GIE_CONVMMA_WN % 16 == 0,
 static_assert(GIE_CONVMMA_THREADS % GIE_CONVMMA_CHUNKS == 0, "BK / 8 divides the block");
 
 // A row past the last output pixel: every tap of it lands outside the input.
-#define GIE_CONVMMA_NO_ROW (-(1 << 29))
+#define GIE_CONVMMA_NO_ROW GIE_CONV_NO_ROW
 
 extern "C" __global__ void __launch_bounds__(GIE_CONVMMA_THREADS)
 gie_conv_mma_f16(const gie_half* __restrict__ x, const gie_half* __restrict__ w,
@@ -100,22 +100,8 @@ gie_conv_mma_f16(const gie_half* __restrict__ x, const gie_half* __restrict__ w,
     const int row0 = blockIdx.x * GIE_CONVMMA_BM;
     const int col0 = blockIdx.y * GIE_CONVMMA_BN;
 
-    for (int r = tid; r < GIE_CONVMMA_BM; r += GIE_CONVMMA_THREADS) {
-        const int p = row0 + r;
-        if (p < P) {
-            const int ow = p % OW;
-            const int rest = p / OW;
-            const int oh = rest % OH;
-            const int n = rest / OH;
-            row_pixel[r] = n * H * W;
-            row_ih[r] = oh * stride_h - pad_top;
-            row_iw[r] = ow * stride_w - pad_left;
-        } else {
-            row_pixel[r] = 0;
-            row_ih[r] = GIE_CONVMMA_NO_ROW;
-            row_iw[r] = GIE_CONVMMA_NO_ROW;
-        }
-    }
+    gie_conv_decode_rows(row_pixel, row_ih, row_iw, GIE_CONVMMA_BM, GIE_CONVMMA_THREADS, row0, P,
+                         OH, OW, H, W, stride_h, stride_w, pad_top, pad_left);
 
     // This thread copies the 8-channel vector `chunk` of k for rows load_row + i * ROWS_PER_PASS
     // of both tiles. Its k position (tap r, s and channel c of the vector) advances by BK a step.
