@@ -465,3 +465,31 @@ def test_conv_transpose_runs_as_a_cuda_kernel(attributes: dict) -> None:
     np.testing.assert_allclose(
         engine.run(feeds)["y"], build(model).run(feeds)["y"], rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_profile_engine_lowers_once_per_input_shape() -> None:
+    from engine.config import ShapeProfile
+
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1, name="fc"),
+            helper.make_node("Relu", ["h"], ["y"], name="relu"),
+        ],
+        "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [_init("w", rng.standard_normal((8, 16))), _init("b", rng.standard_normal(8))],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    profile = ShapeProfile("x", (1, 16), (4, 16), (8, 16))
+    engine = build(model, replace(SHIM, profiles=(profile,)))
+    reference = build(model, BuilderConfig(profiles=(profile,)))
+    for batch in (4, 1, 8, 4):
+        feeds = {"x": RNG.standard_normal((batch, 16)).astype(np.float32)}
+        got = engine.run(feeds)["y"]
+        assert got.shape == (batch, 8)
+        np.testing.assert_allclose(got, reference.run(feeds)["y"], rtol=1e-5, atol=1e-6)
+    assert len(engine._runners) == 3  # one launch plan per shape set, reused
