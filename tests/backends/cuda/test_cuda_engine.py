@@ -371,7 +371,7 @@ def test_a_launch_writing_what_it_reads_through_another_view_is_refused() -> Non
         lower_launch_plan(plan, engine.memory, {"x": (1, 4, 6, 6)}, lowerings)
 
 
-@pytest.mark.parametrize("name", ["resnet", "bert_opset17"])
+@pytest.mark.parametrize("name", ["resnet", "bert_opset17", "gpt_block", "detector_head"])
 def test_zoo_models_on_the_shim_match_onnxruntime(name: str) -> None:
     ort = pytest.importorskip("onnxruntime")
     proto = zoo.build(name)
