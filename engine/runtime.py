@@ -375,6 +375,12 @@ class Engine:
 
     # ------------------------------------------------------------------ profiling
 
+    def _run_ms(self, feeds: dict[str, np.ndarray]) -> float:
+        """One whole run's latency (ms): wall time here; a CUDA engine reports device time."""
+        started = time.perf_counter()
+        self._execute(feeds, None)
+        return (time.perf_counter() - started) * 1e3
+
     def profile(
         self,
         iterations: int = 10,
@@ -389,11 +395,7 @@ class Engine:
         checked = self.check_feeds(feeds if feeds is not None else self.example_feeds())
         for _ in range(warmup):
             self._execute(checked, None)
-        samples = []
-        for _ in range(iterations):
-            started = time.perf_counter()
-            self._execute(checked, None)
-            samples.append((time.perf_counter() - started) * 1e3)
+        samples = [self._run_ms(checked) for _ in range(iterations)]
         layer_ms: list[list[float]] = [[] for _ in self.plan.layers]
         seen: dict[int, tuple[list[TensorSpec | None], list[TensorSpec]]] = {}
 

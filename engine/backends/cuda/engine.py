@@ -13,8 +13,10 @@ NumPy engine offers works the same (feeds checked against the profiles, ``run``,
 * plain runs replay a CUDA graph when the device supports it, ``config.cuda_graphs`` is on and
   no layer falls back to the host; ``config.cuda_streams`` > 1 spreads independent branches
   over streams;
-* ``profile`` times layers with the device clock (CUDA events) in a separate layer-by-layer
-  run; ``run_observed`` reads every layer's values back after it ran.
+* ``profile`` reports the end-to-end device time of a run (CUDA events around the graph
+  replay, uploads and downloads excluded, like trtexec's GPU compute time) and times layers
+  with the device clock in a separate layer-by-layer run; ``run_observed`` reads every layer's
+  values back after it ran.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class CudaEngine(Engine):
         """The launch plan at the feeds' shapes (default: the example feeds)."""
         checked = self.check_feeds(feeds if feeds is not None else self.example_feeds())
         return self.runner_for(checked).plan
+
+    def _run_ms(self, feeds: dict[str, np.ndarray]) -> float:
+        """Device time of one run (a CUDA-graph replay when there is one; feeds uploaded and
+        outputs read outside the clock), as trtexec's GPU compute time."""
+        return self.runner_for(feeds).time_run_ms(feeds)
 
     def _execute(
         self,
