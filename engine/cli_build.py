@@ -130,6 +130,7 @@ def config_from_args(args: argparse.Namespace, model: ir.Model) -> BuilderConfig
         backend=args.backend,
         cuda_streams=args.cuda_streams,
         cuda_graphs=not args.no_cuda_graphs,
+        timing_flush_l2=args.flush_l2,
         optimization_level=args.level,
         precisions=frozenset(precisions),
         precision_mode=PrecisionMode.OBEY if args.strict_precision else PrecisionMode.PREFER,
@@ -372,6 +373,9 @@ def add_build_command(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     build.add_argument(
         "--no-cuda-graphs", action="store_true", help="launch kernel by kernel, no CUDA graph"
+    )
+    build.add_argument(
+        "--flush-l2", action="store_true", help="flush the GPU's L2 before each timed sample"
     )
     build.add_argument("--timing-cache", metavar="FILE", help="timing cache (JSON), reused")
     build.add_argument("--timing-iterations", type=int, default=5, help="runs per tactic (5)")

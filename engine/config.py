@@ -102,7 +102,9 @@ class BuilderConfig:
     through CuPy) or ``cuda-shim`` (the same CUDA kernels compiled for the CPU shim: checks the
     lowering without a GPU; slow, tiny models only). ``cuda_streams`` is how many CUDA streams
     independent branches may spread over (1: one stream, program order); ``cuda_graphs``
-    captures a whole run as one CUDA graph when every layer runs on the GPU.
+    captures a whole run as one CUDA graph when every layer runs on the GPU;
+    ``timing_flush_l2`` flushes the GPU's L2 cache before every timed tactic sample (cold-cache
+    timings for layers whose working set would otherwise stay in L2 between samples).
 
     2:4 sparsity (``sparsity``): ``on`` offers the sparse tactic to layers whose weights already
     are 2:4 (kept only when faster); ``force`` first prunes every eligible layer (constant
@@ -130,6 +132,7 @@ class BuilderConfig:
     sparsity_min_channels: int = 256
     cuda_streams: int = 1
     cuda_graphs: bool = True
+    timing_flush_l2: bool = False
     extras: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def with_changes(self, **changes: Any) -> BuilderConfig:
@@ -177,6 +180,7 @@ class BuilderConfig:
             "sparsity_min_channels": self.sparsity_min_channels,
             "cuda_streams": self.cuda_streams,
             "cuda_graphs": self.cuda_graphs,
+            "timing_flush_l2": self.timing_flush_l2,
         }
 
     @staticmethod
@@ -205,4 +209,5 @@ class BuilderConfig:
             sparsity_min_channels=int(data.get("sparsity_min_channels", 256)),
             cuda_streams=int(data.get("cuda_streams", 1)),
             cuda_graphs=bool(data.get("cuda_graphs", True)),
+            timing_flush_l2=bool(data.get("timing_flush_l2", False)),
         )

@@ -95,7 +95,11 @@ class CudaTacticSource:
         return runner.issue
 
     def key(self, layer: Layer, plan: Plan) -> dict[str, Any]:
-        return cuda_timing_key(layer, plan, self.info)
+        """The CUDA timing-cache key; cold-L2 timings are cached apart from warm ones."""
+        key = cuda_timing_key(layer, plan, self.info)
+        if self.config.timing_flush_l2:
+            key["flush_l2"] = True
+        return key
 
 
 class DeviceClock:

@@ -35,7 +35,11 @@ def cuda_setup(config: BuilderConfig, log: BuildLog, timer: Timer | None) -> Cud
         info = device.info  # type: ignore[attr-defined]
         source = CudaTacticSource(info, device, config, log, timed=True)
         timer = timer or CudaEventTimer(
-            config.timing_warmup, config.timing_iterations, clock=DeviceClock(device), device=info
+            config.timing_warmup,
+            config.timing_iterations,
+            flush_l2=config.timing_flush_l2,
+            clock=DeviceClock(device),
+            device=info,
         )
         log.add("tactics", f"CUDA tactics timed with events on {info.name} ({info.arch})")
     else:
