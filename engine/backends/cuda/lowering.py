@@ -27,8 +27,8 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
+from engine.backends.cuda.folding import fold_layer, refresh_specs
 from engine.backends.cuda.launch_plan import (
     Argument,
     CopyStep,
@@ -42,6 +42,7 @@ from engine.backends.cuda.launch_plan import (
     Step,
     align_up,
 )
+from engine.backends.cuda.layouts import layout_launch, same_bytes_in_both_layouts
 from engine.backends.cuda.nvrtc import KERNEL_DIR
 from engine.build.memory import MemoryPlan, liveness
 from engine.build.plan import Layer, Plan, optimization_specs
@@ -90,6 +91,7 @@ class _Lowering:
             specs = {v.name or "": s for v, s in inferred.items()}
         self.specs: dict[str, TensorSpec] = dict(specs)
         self.host_constants: dict[str, np.ndarray] = dict(plan.constants)
+        self.graph_outputs = list(plan.outputs)
         self.stored: dict[str, DeviceBuffer] = {}
         self.copies: dict[tuple[str, str], DeviceBuffer] = {}
         self.weights: list[tuple[DeviceBuffer, np.ndarray]] = []
@@ -154,11 +156,6 @@ class _Lowering:
         return target
 
 
-def same_bytes_in_both_layouts(shape: tuple[int, ...]) -> bool:
-    """Whether NCHW and NHWC order the elements alike (H * W == 1 or C == 1)."""
-    return len(shape) == 4 and (shape[2] * shape[3] == 1 or shape[1] == 1)
-
-
 def _shape(spec: TensorSpec, name: str) -> tuple[int, ...]:
     if not spec.is_static:
         raise LoweringError(f"value '{name}' has no static shape ({spec.shape})")
@@ -169,51 +166,6 @@ def _dtype_name(spec: TensorSpec) -> str:
     if spec.dtype is None:
         raise LoweringError("a value has an unknown dtype")
     return np.dtype(spec.dtype.numpy()).name
-
-
-def layout_launch(src: DeviceBuffer, dst: DeviceBuffer) -> KernelLaunch:
-    """The transpose between plain NCHW and NHWC storage of the same tensor: reformat.cu's
-    tiled kernels for fp32/fp16, data_movement.cu's generic transpose for other widths."""
-    if len(src.shape) != 4:
-        raise LoweringError(f"no layout kernel for {src.describe()} -> {dst.layout}")
-    n, c, h, w = src.shape
-    suffix = {"float32": "f32", "float16": "f16"}.get(src.dtype)
-    if suffix is not None:
-        hw = h * w
-        direction = "nchw_to_nhwc" if dst.layout == "nhwc" else "nhwc_to_nchw"
-        return KernelLaunch(
-            KernelSource(file="reformat.cu"),
-            f"gie_{direction}_{suffix}",
-            (-(-hw // 32), -(-c // 32), n),
-            (32, 8, 1),
-            (src, dst, n, c, hw),
-            (src,),
-            (dst,),
-        )
-    from engine.backends.cuda.data_movement_args import (
-        THREADS,
-        as_bits,
-        blocks_for,
-        transpose_arguments,
-    )
-
-    # Output in memory order: NHWC (perm 0, 2, 3, 1 of NCHW) or NCHW (0, 3, 1, 2 of NHWC).
-    stored = src.stored_shape
-    perm = (0, 2, 3, 1) if dst.layout == "nhwc" else (0, 3, 1, 2)
-    arguments = transpose_arguments(stored, perm)
-    assert arguments is not None
-    count, dims, strides = arguments
-    x, y = as_bits(src), as_bits(dst)
-    width = {1: "b1", 2: "b2", 4: "b4", 8: "b8"}[np.dtype(src.dtype).itemsize]
-    return KernelLaunch(
-        KernelSource(file="data_movement.cu"),
-        f"gie_transpose_{width}",
-        (blocks_for(count), 1, 1),
-        (THREADS, 1, 1),
-        (x, y, count, *dims, *strides),
-        (x,),
-        (y,),
-    )
 
 
 class LowerContext:
@@ -416,88 +368,6 @@ def _host_step(state: _Lowering, layer: Layer, steps: list[Step], reason: str) -
     steps.append(HostStep(spec.kernel, layer.attrs, layer.context, inputs, outputs, reason))
 
 
-#: Largest output (elements) a layer with only host-known inputs is evaluated on the host
-#: at lowering time (shape arithmetic, not weights: the optimizer folded those already).
-FOLD_LIMIT = 4096
-
-
-def _host_value(state: _Lowering, name: str) -> np.ndarray | None:
-    if name in state.host_constants:
-        return state.host_constants[name]
-    spec = state.specs.get(name)
-    return None if spec is None or spec.value is None else np.asarray(spec.value)
-
-
-def _folded(state: _Lowering, layer: Layer) -> bool:
-    """Whether every output of ``layer`` is known on the host at these shapes (its values
-    then live in ``host_constants``): from shape inference, ``Shape`` of a static value, or
-    the reference kernel on host-known inputs with small outputs."""
-    names = [name for name in layer.outputs if name]
-    if not names or any(name in state.plan.outputs for name in names):
-        return False
-    values = [_host_value(state, name) for name in names]
-    if any(v is None for v in values):
-        values = _evaluate(state, layer)
-        if values is None:
-            return False
-    for name, value in zip(names, values):
-        array = np.asarray(value)
-        state.host_constants[name] = array
-        state.specs[name] = TensorSpec(
-            tuple(array.shape), ir.DataType.from_numpy(array.dtype), array
-        )
-    return True
-
-
-def _evaluate(state: _Lowering, layer: Layer) -> list[np.ndarray] | None:
-    outs = [state.specs.get(name) for name in layer.outputs if name]
-    if any(s is not None and s.is_static and s.numel() > FOLD_LIMIT for s in outs):
-        return None
-    if layer.qualified_op == "Shape":
-        spec = state.specs.get(layer.inputs[0])
-        if spec is None or not spec.is_static:
-            return None
-        shape = np.asarray(spec.shape, dtype=np.int64)
-        end = layer.attrs.int("end", len(shape)) if "end" in layer.attrs else len(shape)
-        return [shape[layer.attrs.int("start", 0) : end]]
-    inputs = [None if not name else _host_value(state, name) for name in layer.inputs]
-    if any(name and value is None for name, value in zip(layer.inputs, inputs)):
-        return None
-    spec = default_registry().lookup(layer.op_type, layer.domain)
-    if spec is None or layer.node.attributes.get("then_branch") is not None:
-        return None
-    try:
-        results = list(spec.kernel(inputs, layer.attrs, layer.context))
-    except Exception:  # noqa: BLE001 - not foldable here; the layer is lowered instead
-        return None
-    values = [np.asarray(r) for r, name in zip(results, layer.outputs) if name]
-    return None if any(v.size > FOLD_LIMIT for v in values) else values
-
-
-def _refresh_specs(state: _Lowering, layer: Layer) -> None:
-    """Output specs of ``layer`` from its shape rule when inference left them unknown (their
-    inputs became known by folding: Reshape to a folded target shape)."""
-    if all(state.specs.get(n) is not None and state.specs[n].is_static for n in layer.outputs if n):
-        return
-    spec = default_registry().lookup(layer.op_type, layer.domain)
-    if spec is None:
-        return
-    ins = []
-    for name in layer.inputs:
-        value = _host_value(state, name) if name else None
-        if value is not None:
-            ins.append(TensorSpec(tuple(value.shape), ir.DataType.from_numpy(value.dtype), value))
-        else:
-            ins.append(state.specs.get(name) if name else None)
-    try:
-        outs = spec.shape_rule(ins, layer.attrs, layer.context)
-    except Exception:  # noqa: BLE001 - the lowering reports the unknown shape itself
-        return
-    for name, out in zip(layer.outputs, outs):
-        if name and out is not None and out.is_static:
-            state.specs[name] = out
-
-
 def _record_values(state: _Lowering, layer: Layer, record: LayerSteps) -> None:
     for name in (*layer.inputs, *layer.outputs):
         if name and name in state.stored:
@@ -522,8 +392,8 @@ def lower_launch_plan(
     for layer in plan.layers:
         record = LayerSteps(layer.index, layer.name, layer.qualified_op, layer.tactic)
         layers.append(record)
-        _refresh_specs(state, layer)
-        if _folded(state, layer):
+        refresh_specs(state, layer)
+        if fold_layer(state, layer):
             record.tactic = "folded"
             continue
         if layer.tactic == HOST_TACTIC or layer.tactic not in lowerings:
