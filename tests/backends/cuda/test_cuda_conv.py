@@ -11,11 +11,11 @@ and sm_90 with no local-memory spills, the implicit GEMM also at other -D tile s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conv_cases import ConvCase
 
 from engine.backends.cuda import activations, nvrtc, shim_runner
 from engine.backends.cuda.nvrtc import KERNEL_DIR
@@ -64,45 +64,6 @@ def blocks(total: int, threads: int = 256) -> int:
 
 
 # --------------------------------------------------------------------------- convolution
-
-
-@dataclass(frozen=True)
-class ConvCase:
-    """One convolution: NCHW input (n, c, h, w), m output channels, a k x k filter, ONNX pads
-    (top, left, bottom, right) and the gie::ConvAct epilogue."""
-
-    n: int
-    c: int
-    h: int
-    w: int
-    m: int
-    k: int
-    stride: int = 1
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
-    dilation: int = 1
-    group: int = 1
-    bias: bool = True
-    activation: str = ""
-    residual: bool = False
-    residual_first: int = 1
-
-    def out(self) -> tuple[int, int]:
-        span = (self.k - 1) * self.dilation + 1
-        oh = (self.h + self.pads[0] + self.pads[2] - span) // self.stride + 1
-        ow = (self.w + self.pads[1] + self.pads[3] - span) // self.stride + 1
-        return oh, ow
-
-    def attributes(self) -> dict:
-        return {
-            "group": self.group,
-            "strides": [self.stride] * 2,
-            "pads": list(self.pads),
-            "dilations": [self.dilation] * 2,
-            "kernel_shape": [self.k] * 2,
-            "activation": self.activation,
-            "residual_before_activation": self.residual_first,
-            "activation_alpha": 0.1,
-        }
 
 
 CONV_CASES = [

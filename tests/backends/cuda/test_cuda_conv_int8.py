@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir_types
 import pytest
+from conv_cases import ConvCase
 
 from engine.backends.cuda import activations, lower_conv_tc, nvrtc, shim_runner
 from engine.backends.cuda import lower_data_movement as dm
@@ -67,47 +68,17 @@ def source_with(defines: dict[str, int]) -> str:
 
 
 @dataclass(frozen=True)
-class Case:
-    """NCHW input (n, c, h, w), m output channels, k x k filter, ONNX pads (t, l, b, r), the
-    epilogue and the output type (3 int8, 1 float32, 10 float16)."""
+class Case(ConvCase):
+    """A ConvCase with the int8 layer's output type (3 int8, 1 float32, 10 float16) and, with
+    ``per_tensor_w_scale``, one weight scale for all channels."""
 
-    n: int
-    c: int
-    h: int
-    w: int
-    m: int
-    k: int
-    stride: int = 1
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
-    dilation: int = 1
-    group: int = 1
-    bias: bool = True
-    activation: str = ""
-    residual: bool = False
-    residual_first: int = 1
+    alpha: float = 0.125
+    clip: tuple[float, float] | None = (-6.0, 9.0)
     output: int = 3
     per_tensor_w_scale: bool = False
 
-    def out(self) -> tuple[int, int]:
-        span = (self.k - 1) * self.dilation + 1
-        oh = (self.h + self.pads[0] + self.pads[2] - span) // self.stride + 1
-        ow = (self.w + self.pads[1] + self.pads[3] - span) // self.stride + 1
-        return oh, ow
-
     def attributes(self) -> dict:
-        return {
-            "group": self.group,
-            "strides": [self.stride] * 2,
-            "pads": list(self.pads),
-            "dilations": [self.dilation] * 2,
-            "kernel_shape": [self.k] * 2,
-            "activation": self.activation,
-            "residual_before_activation": self.residual_first,
-            "activation_alpha": 0.125,
-            "min": -6.0,
-            "max": 9.0,
-            "output_dtype": self.output,
-        }
+        return {**super().attributes(), "output_dtype": self.output}
 
 
 CASES = [

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conv_cases import ConvCase
 
 from engine.backends.cuda import activations, lower_conv_tc, nvrtc, shim_runner
 from engine.backends.cuda.executor import CudaRunner
@@ -64,43 +65,10 @@ def source_with(defines: dict[str, int]) -> str:
 
 
 @dataclass(frozen=True)
-class Case:
-    """NCHW input (n, c, h, w), m output channels, k x k filter, ONNX pads (t, l, b, r)."""
+class Case(ConvCase):
+    """A ConvCase whose Clip / Relu6 epilogues use the bounds (-0.5, 0.75)."""
 
-    n: int
-    c: int
-    h: int
-    w: int
-    m: int
-    k: int
-    stride: int = 1
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
-    dilation: int = 1
-    group: int = 1
-    bias: bool = True
-    activation: str = ""
-    residual: bool = False
-    residual_first: int = 1
-
-    def out(self) -> tuple[int, int]:
-        span = (self.k - 1) * self.dilation + 1
-        oh = (self.h + self.pads[0] + self.pads[2] - span) // self.stride + 1
-        ow = (self.w + self.pads[1] + self.pads[3] - span) // self.stride + 1
-        return oh, ow
-
-    def attributes(self) -> dict:
-        return {
-            "group": self.group,
-            "strides": [self.stride] * 2,
-            "pads": list(self.pads),
-            "dilations": [self.dilation] * 2,
-            "kernel_shape": [self.k] * 2,
-            "activation": self.activation,
-            "residual_before_activation": self.residual_first,
-            "activation_alpha": 0.1,
-            "min": -0.5,
-            "max": 0.75,
-        }
+    clip: tuple[float, float] | None = (-0.5, 0.75)
 
 
 CASES = [
