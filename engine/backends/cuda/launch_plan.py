@@ -110,8 +110,35 @@ class KernelSource:
     def label(self) -> str:
         return self.file or "generated"
 
+    def source_text(self) -> str:
+        if self.file is not None:
+            from engine.backends.cuda.nvrtc import KERNEL_DIR
+
+            return (KERNEL_DIR / self.file).read_text()
+        return self.text or ""
+
+    def const_pointers(self, entry: str) -> list[bool]:
+        """Per parameter of ``entry``: whether it is ``const`` (read only); KeyError when the
+        source has no such entry point."""
+        text = self.source_text()
+        marker = text.find(f" {entry}(")
+        if marker < 0:
+            marker = text.find(f"{entry}(")
+        if marker < 0:
+            raise KeyError(f"kernel {self.label} has no entry point {entry}")
+        start = text.index("(", marker) + 1
+        end = text.index(")", start)
+        return ["const" in p for p in text[start:end].split(",") if p.strip()]
+
     def options(self) -> list[str]:
         return [f"-D{name}={value}" for name, value in self.defines]
+
+
+def overlaps(a: DeviceBuffer, b: DeviceBuffer) -> bool:
+    """Whether two buffers share bytes (same region, intersecting byte ranges)."""
+    ra, sa, ea = a.span()
+    rb, sb, eb = b.span()
+    return ra == rb and sa < eb and sb < ea
 
 
 Argument = DeviceBuffer | int | float | None
@@ -133,6 +160,15 @@ class KernelLaunch:
 
     def describe(self) -> str:
         return f"{self.entry}<<<{list(self.grid)}, {list(self.block)}>>> ({self.source.label})"
+
+    def aliasing(self) -> tuple[DeviceBuffer, DeviceBuffer] | None:
+        """A (written, read) pair of different views of overlapping bytes, if any: a kernel
+        may update a buffer in place only through the very same view."""
+        for written in self.writes:
+            for read in self.reads:
+                if read != written and overlaps(read, written):
+                    return written, read
+        return None
 
 
 @dataclass(frozen=True)

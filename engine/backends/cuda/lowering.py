@@ -43,7 +43,6 @@ from engine.backends.cuda.launch_plan import (
     align_up,
 )
 from engine.backends.cuda.layouts import layout_launch, same_bytes_in_both_layouts
-from engine.backends.cuda.nvrtc import KERNEL_DIR
 from engine.build.memory import MemoryPlan, liveness
 from engine.build.plan import Layer, Plan, optimization_specs
 from engine.ops.registry import TensorSpec, default_registry
@@ -57,19 +56,6 @@ LowerFunction = Callable[["LowerContext"], None]
 
 class LoweringError(ValueError):
     """A layer cannot be lowered as its tactic says (names the layer and why)."""
-
-
-def _const_pointers(source: KernelSource, entry: str) -> list[bool]:
-    """Per parameter of ``entry``: whether it is a ``const`` pointer (read only)."""
-    text = (KERNEL_DIR / source.file).read_text() if source.file else source.text or ""
-    marker = text.find(f" {entry}(")
-    if marker < 0:
-        marker = text.find(f"{entry}(")
-    if marker < 0:
-        raise LoweringError(f"kernel {source.label} has no entry point {entry}")
-    start = text.index("(", marker) + 1
-    end = text.index(")", start)
-    return ["const" in p for p in text[start:end].split(",") if p.strip()]
 
 
 class _Lowering:
@@ -301,7 +287,10 @@ class LowerContext:
     ) -> KernelLaunch:
         """Add a launch of ``entry`` (from kernels/``file`` or generated ``text``)."""
         source = KernelSource(file=file, text=text, defines=tuple(defines))
-        const = _const_pointers(source, entry)
+        try:
+            const = source.const_pointers(entry)
+        except KeyError as error:
+            raise LoweringError(f"layer '{self.layer.name}': {error.args[0]}") from None
         if len(const) != len(args):
             raise LoweringError(
                 f"layer '{self.layer.name}': {entry} takes {len(const)} arguments, got {len(args)}"
@@ -340,22 +329,14 @@ def _dims(values: Sequence[int]) -> tuple[int, int, int]:
     return (dims[0], dims[1], dims[2])
 
 
-def _overlaps(a: DeviceBuffer, b: DeviceBuffer) -> bool:
-    ra, sa, ea = a.span()
-    rb, sb, eb = b.span()
-    return ra == rb and sa < eb and sb < ea
-
-
 def _check_aliasing(layer: Layer, launch: KernelLaunch) -> None:
-    for written in launch.writes:
-        for read in launch.reads:
-            if read is written or read == written:
-                continue
-            if _overlaps(read, written):
-                raise LoweringError(
-                    f"layer '{layer.name}': {launch.entry} would write {written.describe()} "
-                    f"while reading the overlapping {read.describe()}"
-                )
+    conflict = launch.aliasing()
+    if conflict is not None:
+        written, read = conflict
+        raise LoweringError(
+            f"layer '{layer.name}': {launch.entry} would write {written.describe()} "
+            f"while reading the overlapping {read.describe()}"
+        )
 
 
 def _host_step(state: _Lowering, layer: Layer, steps: list[Step], reason: str) -> None:

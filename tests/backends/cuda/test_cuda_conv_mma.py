@@ -22,7 +22,7 @@ from conv_cases import ConvCase
 from engine.backends.cuda import activations, lower_conv_tc, nvrtc, shim_runner
 from engine.backends.cuda.executor import CudaRunner
 from engine.backends.cuda.launch_plan import KernelLaunch, KernelSource
-from engine.backends.cuda.lowering import _const_pointers, lower_launch_plan
+from engine.backends.cuda.lowering import lower_launch_plan
 from engine.backends.cuda.nvrtc import KERNEL_DIR
 from engine.backends.cuda.shim_device import ShimDevice
 from engine.build.memory import plan_memory
@@ -273,6 +273,6 @@ def test_tactic_tables_match() -> None:
     assert set(lower_conv_tc.LOWERINGS) == set(TACTICS)
     assert {t.entry for t in TACTICS.values() if t.kernel_file == FILE} == {ENTRY}
     for tactic in TACTICS.values():  # what the runtime derives the read / write sets from
-        const = _const_pointers(KernelSource(file=tactic.kernel_file), tactic.entry)
+        const = KernelSource(file=tactic.kernel_file).const_pointers(tactic.entry)
         inputs = 4 if tactic.kernel_file == FILE else 5  # int8: x, w, bias, w_scale, residual
         assert const[: inputs + 1] == [True] * inputs + [False], (tactic.entry, const)

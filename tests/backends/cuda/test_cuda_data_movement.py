@@ -23,7 +23,7 @@ from engine.backends.cuda import lower_misc, nvrtc, shim_runner
 from engine.backends.cuda import lower_resize as rs
 from engine.backends.cuda.executor import CudaRunner
 from engine.backends.cuda.launch_plan import KernelLaunch, KernelSource
-from engine.backends.cuda.lowering import _const_pointers, lower_launch_plan
+from engine.backends.cuda.lowering import lower_launch_plan
 from engine.backends.cuda.nvrtc import KERNEL_DIR
 from engine.backends.cuda.shim_device import ShimDevice
 from engine.build.memory import plan_memory
@@ -443,10 +443,10 @@ def test_tactics_and_lowerings_cover_every_width() -> None:
             tactic = next(t for t in dm.TACTICS if t.name == f"{kind}_{suffix}")
             assert tactic.entry == f"gie_{kind}_{suffix}"
             source = KernelSource(file=tactic.kernel_file)
-            const = _const_pointers(source, tactic.entry)  # what the lowering reads
+            const = source.const_pointers(tactic.entry)  # what the lowering reads
             assert const[:2] == [True, kind == "gather"], (tactic.entry, const)
     for tactic in (t for t in rs.TACTICS if t.name.startswith("resize")):
-        assert _const_pointers(KernelSource(file=tactic.kernel_file), tactic.entry)[:2] == [
+        assert KernelSource(file=tactic.kernel_file).const_pointers(tactic.entry)[:2] == [
             True,
             False,
         ]

@@ -21,7 +21,7 @@ import pytest
 from engine.backends.cuda import activations, lower_gemm_fast, nvrtc, shim_runner
 from engine.backends.cuda.executor import CudaRunner
 from engine.backends.cuda.launch_plan import KernelLaunch, KernelSource
-from engine.backends.cuda.lowering import _const_pointers, lower_launch_plan
+from engine.backends.cuda.lowering import lower_launch_plan
 from engine.backends.cuda.nvrtc import KERNEL_DIR
 from engine.backends.cuda.shim_device import ShimDevice
 from engine.build.memory import plan_memory
@@ -338,9 +338,7 @@ def test_tactics_lowerings_and_tile_variants_agree() -> None:
         assert tile.shared_bytes == shared_bytes(tile.bm, tile.bn, tile.bk, tile.stages)
     tactic = lower_gemm_fast.TACTICS[0]
     assert tactic.family == "gemm_tensor_core" and tactic.entry == ENTRY
-    assert (
-        _const_pointers(KernelSource(file=tactic.kernel_file), ENTRY) == [True] * 4 + [False] * 11
-    )
+    assert KernelSource(file=tactic.kernel_file).const_pointers(ENTRY) == [True] * 4 + [False] * 11
     assert lower_gemm_fast.TILES[0].shared_bytes == 48 * 1024  # fits without the attribute
 
 
