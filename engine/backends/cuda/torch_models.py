@@ -111,14 +111,16 @@ def export(
     model: nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path
 ) -> Any:
     """ONNX (opset 17, fp32, fixed shapes) of ``model`` on ``example``: the TorchScript exporter
-    (``dynamo=False``) gives plain ONNX ops our optimizer fuses."""
-    with torch.no_grad():
-        torch.onnx.export(
-            model, example, str(path), input_names=names, output_names=["output"],
-            opset_version=17, dynamo=False,
-        )  # fmt: skip
+    (``dynamo=False``, plain ONNX ops our optimizer fuses) where this PyTorch still has it, else
+    the dynamo exporter."""
     import onnx
 
+    options = dict(input_names=names, output_names=["output"], opset_version=17)
+    with torch.no_grad():
+        try:
+            torch.onnx.export(model, example, str(path), dynamo=False, **options)
+        except Exception:  # noqa: BLE001 - a PyTorch without the TorchScript exporter
+            torch.onnx.export(model, example, str(path), dynamo=True, **options)
     return onnx.load(str(path))
 
 
