@@ -232,13 +232,16 @@ def _guarded(results: dict[str, Any], key: str, deadline: float, run: Callable[[
 
 
 def engine_sections(backend: str, device: Any, info: Any, budget_s: float) -> dict[str, Any]:
-    """Tactics vs reference, zoo engines vs onnxruntime and the benchmarks, in that order,
-    within ``budget_s`` seconds (later sections are marked skipped when it runs out)."""
+    """Tactics vs reference (until 30% of ``budget_s``), zoo engines vs onnxruntime (until 55%)
+    and the benchmarks, in that order; what does not fit is marked skipped."""
     from engine import zoo
     from engine.backends.cuda.gpu_engines import check_tactics, check_zoo
 
     rehearse = backend != "cuda"
-    deadline = time.monotonic() + budget_s
+    started = time.monotonic()
+    deadline = started + budget_s
+    # Each section stops at its share of the budget, so the benchmarks always get their turn.
+    tactics_end, zoo_end = started + 0.3 * budget_s, started + 0.55 * budget_s
     results: dict[str, Any] = {"backend": backend}
     names = ["resnet", "bert_opset17"] if rehearse else list(zoo.ZOO)
     models = {name: zoo.build(name) for name in names}
@@ -255,11 +258,11 @@ def engine_sections(backend: str, device: Any, info: Any, budget_s: float) -> di
                 plans[f"{name}/{precision}"] = build(
                     model, config, calibration_data=calibration
                 ).plan
-        return check_tactics(plans, device, info, deadline)
+        return check_tactics(plans, device, info, tactics_end)
 
     _guarded(results, "tactics", deadline, tactic_plans)
     precisions = ("fp32",) if rehearse else ("fp32", "fp16", "int8", "sparse")
-    _guarded(results, "zoo", deadline, lambda: check_zoo(models, backend, precisions, deadline))
+    _guarded(results, "zoo", deadline, lambda: check_zoo(models, backend, precisions, zoo_end))
     size, sparse_k, iterations = (32, 64, 1) if rehearse else (4096, 16384, 10)
     _guarded(results, "gemm", deadline, lambda: bench_gemm(backend, size, sparse_k, iterations))
     if rehearse:
