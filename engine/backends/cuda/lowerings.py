@@ -20,6 +20,7 @@ MODULES = (
     "lower_conv",
     "lower_misc",
     "lower_gemm_fast",
+    "lower_gemm_int8_fast",
     "lower_conv_tc",
     "lower_attention",
     "lower_data_movement",

@@ -281,7 +281,11 @@ def test_int8_gemm_entry_follows_the_output_dtype(all_written) -> None:
     assert fc.qualified_op == "gie::QGemm"
     plan.specs[fc.inputs[0]] = TensorSpec((1, 64), ir.DataType.INT8)
     plan.specs[fc.outputs[0]] = TensorSpec((1, 10), ir.DataType.FLOAT)
-    assert cuda_candidates(fc, plan, CONFIG, H100) == ["gemm_imma_f32", "cublas_int8_f32"]
+    assert cuda_candidates(fc, plan, CONFIG, H100) == [
+        "gemm_imma_f32",
+        "cublas_int8_f32",
+        "gemm_imma_pipelined_f32_64x64",
+    ]
     assert cuda_why_not(fc, plan, "gemm_imma_s8", H100) == (
         "the layer produces FLOAT, this entry writes INT8"
     )
