@@ -38,7 +38,9 @@ MAX_GRID_Y = 65535
 
 @dataclass(frozen=True)
 class PipelinedTile:
-    """One tile variant of gemm_mma_pipelined.cu."""
+    """One tile variant of a pipelined tensor-core GEMM (gemm_mma_pipelined.cu, and with
+    ``macro="GIE_I8P"``, ``element_bytes=1`` gemm_int8_pipelined.cu): block tile bm x bn in
+    steps of bk, ``stages`` cp.async stages, warps_m x warps_n warps."""
 
     bm: int
     bn: int
@@ -46,6 +48,8 @@ class PipelinedTile:
     stages: int
     warps_m: int
     warps_n: int
+    macro: str = "GIE_PIPE"
+    element_bytes: int = 2
 
     @property
     def threads(self) -> int:
@@ -53,23 +57,23 @@ class PipelinedTile:
 
     @property
     def shared_bytes(self) -> int:
-        """Dynamic shared memory per block: the stages of the A and B tiles in fp16."""
-        return self.stages * (self.bm * self.bk + self.bk * self.bn) * 2
+        """Dynamic shared memory per block: every stage of the A and B tiles."""
+        return self.stages * (self.bm * self.bk + self.bk * self.bn) * self.element_bytes
+
+    @property
+    def label(self) -> str:
+        return f"{self.bm}x{self.bn}"
 
     @property
     def name(self) -> str:
+        """The fp16 tactic's name (the int8 tactics add their output type)."""
         return f"gemm_mma_pipelined_f16_{self.bm}x{self.bn}x{self.bk}_s{self.stages}"
 
     @property
     def defines(self) -> tuple[tuple[str, int], ...]:
-        return (
-            ("GIE_PIPE_BM", self.bm),
-            ("GIE_PIPE_BN", self.bn),
-            ("GIE_PIPE_BK", self.bk),
-            ("GIE_PIPE_STAGES", self.stages),
-            ("GIE_PIPE_WARPS_M", self.warps_m),
-            ("GIE_PIPE_WARPS_N", self.warps_n),
-        )
+        values = (self.bm, self.bn, self.bk, self.stages, self.warps_m, self.warps_n)
+        keys = ("BM", "BN", "BK", "STAGES", "WARPS_M", "WARPS_N")
+        return tuple((f"{self.macro}_{key}", value) for key, value in zip(keys, values))
 
     def grid(self, m: int, n: int) -> tuple[int, int]:
         return ceil_div(n, self.bn), ceil_div(m, self.bm)

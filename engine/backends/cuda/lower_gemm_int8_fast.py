@@ -18,7 +18,6 @@ aligned (a view into another buffer) fall back at lowering to gemm_int8.cu.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +28,7 @@ from engine.backends.cuda.lower_gemm import (
     epilogue_arguments,
     is_matmul_kind,
 )
+from engine.backends.cuda.lower_gemm_fast import PipelinedTile
 from engine.backends.cuda.lowering import LowerContext, LowerFunction, LoweringError
 from engine.backends.cuda.tactic_checks import Check, gemm_dims, input_name, int8_gemm_check
 from engine.backends.cuda.tactics import I8_ONLY, I8S, CudaTactic
@@ -42,57 +42,18 @@ MAX_GRID_Y = 65535
 OUTPUTS = {"s8": ir.DataType.INT8, "f32": ir.DataType.FLOAT, "f16": ir.DataType.FLOAT16}
 
 
-@dataclass(frozen=True)
-class Int8Tile:
-    """One tile variant of gemm_int8_pipelined.cu."""
-
-    bm: int
-    bn: int
-    bk: int
-    stages: int
-    warps_m: int
-    warps_n: int
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n
-
-    @property
-    def shared_bytes(self) -> int:
-        """Dynamic shared memory per block: the stages of the A and Bt tiles in int8."""
-        return self.stages * (self.bm + self.bn) * self.bk
-
-    @property
-    def label(self) -> str:
-        return f"{self.bm}x{self.bn}"
-
-    @property
-    def defines(self) -> tuple[tuple[str, int], ...]:
-        return (
-            ("GIE_I8P_BM", self.bm),
-            ("GIE_I8P_BN", self.bn),
-            ("GIE_I8P_BK", self.bk),
-            ("GIE_I8P_STAGES", self.stages),
-            ("GIE_I8P_WARPS_M", self.warps_m),
-            ("GIE_I8P_WARPS_N", self.warps_n),
-        )
-
-    def grid(self, m: int, n: int) -> tuple[int, int]:
-        return ceil_div(n, self.bn), ceil_div(m, self.bm)
-
-
 #: 8 warps of 64 x 32 on 128 x 128 (48 KB), 4 warps of 32 x 32 on 64 x 64 (24 KB).
-TILES: tuple[Int8Tile, ...] = (
-    Int8Tile(128, 128, 64, 3, 2, 4),
-    Int8Tile(64, 64, 64, 3, 2, 2),
+TILES: tuple[PipelinedTile, ...] = (
+    PipelinedTile(128, 128, 64, 3, 2, 4, macro="GIE_I8P", element_bytes=1),
+    PipelinedTile(64, 64, 64, 3, 2, 2, macro="GIE_I8P", element_bytes=1),
 )
 
 
-def tactic_name(suffix: str, tile: Int8Tile) -> str:
+def tactic_name(suffix: str, tile: PipelinedTile) -> str:
     return f"gemm_imma_pipelined_{suffix}_{tile.label}"
 
 
-def pipelined_int8_check(output: ir.DataType, tile: Int8Tile) -> Check:
+def pipelined_int8_check(output: ir.DataType, tile: PipelinedTile) -> Check:
     """int8_gemm_check plus K % 16 == 0, a constant weight, no tile over twice the output."""
     base = int8_gemm_check(output)
 
@@ -132,7 +93,7 @@ def _aligned(*buffers: object) -> bool:
     return all(b is None or getattr(b, "offset", 0) % 16 == 0 for b in buffers)
 
 
-def lower_pipelined_int8_gemm(ctx: LowerContext, tile: Int8Tile, suffix: str) -> None:
+def lower_pipelined_int8_gemm(ctx: LowerContext, tile: PipelinedTile, suffix: str) -> None:
     """gie::QGemm with gemm_int8_pipelined.cu at ``tile`` (entry ``_<suffix>``)."""
     if ctx.layer.op_type != "QGemm":
         raise LoweringError(f"{ctx.layer.op_type}: the pipelined int8 GEMM runs gie::QGemm")
@@ -203,7 +164,7 @@ def lower_pipelined_int8_gemm(ctx: LowerContext, tile: Int8Tile, suffix: str) ->
     )
 
 
-def _bind(tile: Int8Tile, suffix: str) -> LowerFunction:
+def _bind(tile: PipelinedTile, suffix: str) -> LowerFunction:
     def lower(ctx: LowerContext) -> None:
         lower_pipelined_int8_gemm(ctx, tile, suffix)
 
@@ -231,4 +192,4 @@ LOWERINGS: dict[str, LowerFunction] = {
     tactic_name(suffix, tile): _bind(tile, suffix) for suffix in OUTPUTS for tile in TILES
 }
 
-__all__ = ["LOWERINGS", "TACTICS", "TILES", "Int8Tile", "lower_pipelined_int8_gemm"]
+__all__ = ["LOWERINGS", "TACTICS", "TILES", "lower_pipelined_int8_gemm"]
