@@ -42,7 +42,8 @@ FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 )
 
-_SIMPLE = {
+#: Elementwise ONNX ops (default domain) -> the expression function that computes them.
+SIMPLE_FUNCTIONS = {
     "Add": "add",
     "Sub": "sub",
     "Mul": "mul",
@@ -64,7 +65,7 @@ _SIMPLE = {
     "HardSwish": "hard_swish",
 }
 #: ONNX op types (default domain) that a Pointwise expression can hold.
-FUSABLE_OPS = frozenset({*_SIMPLE, "LeakyRelu", "HardSigmoid", "Clip"})
+FUSABLE_OPS = frozenset({*SIMPLE_FUNCTIONS, "LeakyRelu", "HardSigmoid", "Clip"})
 _MAX_TREE_NODES = 512
 
 
@@ -332,7 +333,7 @@ class _Builder:
 
 
 def _simple(node: ir.Node, args: list[Expr | None]) -> Expr:
-    return Call(_SIMPLE[node.op_type], tuple(a for a in args if a is not None))
+    return Call(SIMPLE_FUNCTIONS[node.op_type], tuple(a for a in args if a is not None))
 
 
 def _leaky_relu(node: ir.Node, args: list[Expr | None]) -> Expr:

@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from engine.backends.cuda.executor import CudaRunner
-from engine.backends.cuda.lowering import HOST_TACTIC, lower_launch_plan
+from engine.backends.cuda.lowering import HOST_TACTIC
+from engine.backends.cuda.selection import single_layer_runner
 from engine.backends.cuda.tactics import cuda_candidates
 from engine.build.emulation import emulate_precision
-from engine.build.memory import MemoryPlan
 from engine.build.plan import Layer, Plan
 from engine.build.selector import timing_inputs
 from engine.builder import build
 from engine.config import BuilderConfig, Precision, SparsityMode
 from engine.ops.registry import default_registry
+from engine.quantize.accuracy import output_errors
 
 #: Precision name -> (builder precisions, sparsity).
 PRECISIONS: dict[str, tuple[frozenset[Precision], SparsityMode]] = {
@@ -42,12 +42,6 @@ PRECISIONS: dict[str, tuple[frozenset[Precision], SparsityMode]] = {
 MIN_COSINE = {"fp16": 0.999, "int8": 0.99, "sparse": 0.999}
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    denominator = float(np.linalg.norm(x) * np.linalg.norm(y))
-    return 1.0 if denominator == 0 else float(x @ y / denominator)
-
-
 def onnxruntime_outputs(proto: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
@@ -57,21 +51,18 @@ def onnxruntime_outputs(proto: Any, feeds: dict[str, np.ndarray]) -> dict[str, n
 
 
 def judge(precision: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict:
-    """Per-output errors and whether they are within the precision's tolerance."""
+    """Per-output errors (engine.quantize.accuracy.output_errors) and whether they are within
+    the precision's tolerance."""
+    errors = output_errors(want, got)
     outputs = {}
-    ok = True
-    for name, expected in want.items():
-        value = np.asarray(got[name], np.float64)
-        expected = np.asarray(expected, np.float64)
-        error = float(np.max(np.abs(value - expected))) if expected.size else 0.0
-        cos = cosine(value, expected)
+    for name, error in errors.items():
         if precision == "fp32":
-            passed = error <= 1e-4 * (1.0 + float(np.max(np.abs(expected), initial=0.0)))
+            scale = 1.0 + float(np.max(np.abs(np.asarray(want[name], np.float64)), initial=0.0))
+            passed = error.max_abs <= 1e-4 * scale
         else:
-            passed = cos >= MIN_COSINE[precision]
-        outputs[name] = {"max_abs": error, "cosine": cos, "passed": bool(passed)}
-        ok = ok and passed
-    return {"outputs": outputs, "passed": ok}
+            passed = error.cosine >= MIN_COSINE[precision]
+        outputs[name] = {"max_abs": error.max_abs, "cosine": error.cosine, "passed": bool(passed)}
+    return {"outputs": outputs, "passed": all(o["passed"] for o in outputs.values())}
 
 
 def zoo_engine(
@@ -157,13 +148,7 @@ def run_tactic(layer: Layer, plan: Plan, tactic: str, device: Any) -> list[np.nd
     inputs = timing_inputs(layer, plan, seed=layer.index)
     if inputs is None:
         raise ValueError("input shapes unknown")
-    single = replace(layer, index=0, tactic=tactic)
-    feeds = {n: v for n, v in zip(layer.inputs, inputs) if n and n not in plan.constants}
-    mini = Plan(plan.model, [single], list(feeds), [n for n in layer.outputs if n],
-                plan.constants, plan.specs)  # fmt: skip
-    shapes = {n: tuple(np.shape(v)) for n, v in feeds.items()}
-    launch = lower_launch_plan(mini, MemoryPlan(64, 0, 0), shapes, specs=plan.specs)
-    runner = CudaRunner(launch, device, streams=1, use_graph=False, owner="tactic-check")
+    runner, feeds = single_layer_runner(layer, plan, tactic, inputs, device, "tactic-check")
     outputs = runner.run(feeds)
     return [outputs[n] for n in layer.outputs if n]
 
@@ -222,4 +207,4 @@ def check_tactics(plans: dict[str, Plan], device: Any, info: Any, deadline: floa
     return {"cases": results, "by_tactic": by_tactic}
 
 
-__all__ = ["check_tactics", "check_zoo", "cosine", "judge", "run_tactic", "zoo_engine"]
+__all__ = ["check_tactics", "check_zoo", "judge", "run_tactic", "zoo_engine"]

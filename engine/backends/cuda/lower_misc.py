@@ -34,24 +34,19 @@ from engine.backends.cuda.tactic_checks import static_shape
 from engine.backends.cuda.tactics import ANY_PRECISION, CATALOGUE, FLOATS, CudaTactic
 from engine.build.plan import Layer, Plan
 from engine.ops.gie_pointwise import Call, Expr, Input, Literal
+from engine.passes.pointwise import SIMPLE_FUNCTIONS
 
 RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
-#: Standard elementwise ops a generated kernel runs alone: op -> expression builder.
-_SIMPLE = {
-    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Max": "max",
-    "Min": "min", "Neg": "neg", "Abs": "abs", "Sqrt": "sqrt", "Exp": "exp", "Log": "log",
-    "Erf": "erf", "Tanh": "tanh", "Sigmoid": "sigmoid", "Relu": "relu",
-    "Reciprocal": "reciprocal", "Softplus": "softplus", "HardSwish": "hard_swish",
-}  # fmt: skip
-ELEMENTWISE_OPS = frozenset({*_SIMPLE, "LeakyRelu", "gie::Gelu"})
+#: Ops a generated kernel runs alone: the pointwise pass's elementwise ops, LeakyRelu, GELU.
+ELEMENTWISE_OPS = frozenset({*SIMPLE_FUNCTIONS, "LeakyRelu", "gie::Gelu"})
 _FLOAT_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)})
 
 
 def single_op_expression(layer: Layer) -> Expr:
     """The pointwise expression of one standard elementwise layer."""
     args: tuple[Expr, ...] = tuple(Input(i) for i, name in enumerate(layer.inputs) if name)
-    if layer.op_type in _SIMPLE and not layer.domain:
-        return Call(_SIMPLE[layer.op_type], args)
+    if layer.op_type in SIMPLE_FUNCTIONS and not layer.domain:
+        return Call(SIMPLE_FUNCTIONS[layer.op_type], args)
     if layer.op_type == "LeakyRelu":
         return Call("leaky_relu", (Input(0), Literal(layer.attrs.float("alpha", 0.01))))
     if layer.qualified_op == "gie::Gelu":

@@ -35,6 +35,21 @@ from engine.config import BuilderConfig
 STAGE = "tactics"
 
 
+def single_layer_runner(
+    layer: Layer, plan: Plan, tactic: str, inputs: list[Any], device: Device, owner: str
+) -> tuple[CudaRunner, dict[str, Any]]:
+    """``layer`` alone with ``tactic``, lowered at the shapes of ``inputs`` (its values and
+    outputs in scratch memory) and prepared on ``device``; with the feeds it needs (its inputs
+    that are not constants)."""
+    single = replace(layer, index=0, tactic=tactic)
+    feeds = {n: v for n, v in zip(layer.inputs, inputs) if n and n not in plan.constants}
+    outputs = [n for n in layer.outputs if n]
+    mini = Plan(plan.model, [single], list(feeds), outputs, plan.constants, plan.specs)
+    shapes = {n: tuple(np.shape(v)) for n, v in feeds.items()}
+    launch = lower_launch_plan(mini, MemoryPlan(64, 0, 0), shapes, specs=plan.specs)
+    return CudaRunner(launch, device, streams=1, use_graph=False, owner=owner), feeds
+
+
 class CudaTacticSource:
     """CUDA tactics for the selector (see the module docstring)."""
 
@@ -76,22 +91,9 @@ class CudaTacticSource:
         self, layer: Layer, plan: Plan, name: str, inputs: list[Any]
     ) -> Callable[[], object]:
         """The layer alone, lowered with tactic ``name``, inputs uploaded: run = the launches."""
-        single = replace(layer, index=0, tactic=name)
-        feeds = {n: v for n, v in zip(layer.inputs, inputs) if n and n not in plan.constants}
-        mini = Plan(
-            model=plan.model,
-            layers=[single],
-            inputs=list(feeds),
-            outputs=[n for n in layer.outputs if n],
-            constants=plan.constants,
-            specs=plan.specs,
-        )
-        memory = MemoryPlan(alignment=64, arena_bytes=0, naive_bytes=0)
-        shapes = {n: tuple(np.shape(v)) for n, v in feeds.items()}
-        launch = lower_launch_plan(mini, memory, shapes, specs=plan.specs)
-        runner = CudaRunner(launch, self.device, streams=1, use_graph=False, owner="timing")
+        runner, feeds = single_layer_runner(layer, plan, name, inputs, self.device, "timing")
         for n, value in feeds.items():
-            self.device.write(launch.inputs[n], np.asarray(value))
+            self.device.write(runner.plan.inputs[n], np.asarray(value))
         return runner.issue
 
     def key(self, layer: Layer, plan: Plan) -> dict[str, Any]:
@@ -117,4 +119,4 @@ class DeviceClock:
             flush()
 
 
-__all__ = ["CudaTacticSource", "DeviceClock"]
+__all__ = ["CudaTacticSource", "DeviceClock", "single_layer_runner"]

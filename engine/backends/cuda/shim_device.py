@@ -31,15 +31,9 @@ from engine.backends.cuda.launch_plan import (
     LibraryGemm,
 )
 from engine.backends.cuda.nvrtc import KERNEL_DIR
+from engine.quantize.numerics import round_to_tf32
 
 Work = Callable[[], None]
-
-
-def tf32(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to TF32's 10-bit mantissa (round to nearest even)."""
-    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~np.uint64(0x1FFF)
-    return rounded.astype(np.uint32).view(np.float32)
 
 
 class ShimDevice:
@@ -157,7 +151,7 @@ class ShimDevice:
                 continue
             a, b = a.astype(np.float32), b.astype(np.float32)
             if step.compute == "tf32":
-                a, b = tf32(a), tf32(b)
+                a, b = round_to_tf32(a), round_to_tf32(b)
             product = np.float32(step.alpha) * (a @ b)
             if step.beta:
                 product = product + np.float32(step.beta) * c.astype(np.float32)
@@ -244,4 +238,4 @@ class ShimDevice:
         return (time.perf_counter() - started) * 1e3
 
 
-__all__ = ["ShimDevice", "tf32"]
+__all__ = ["ShimDevice"]
