@@ -230,6 +230,12 @@ inline void publish(const void* data, size_t bytes) {
     warp().barrier.arrive_and_wait();
 }
 inline const void* published(int source_lane) { return warp().slots[source_lane]; }
+// 32-bit word `index` of what lane `owner` published (the fragment registers it passed).
+inline uint32_t published_word(int owner, int index) {
+    uint32_t value;
+    std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
+    return value;
+}
 inline void done_reading() { warp().barrier.arrive_and_wait(); }
 
 template <typename T>
@@ -313,11 +319,7 @@ inline void gie_mma_m16n8k16_f16_f32(float d[4], const unsigned a[4], const unsi
     if (warp().size != 32) { std::fprintf(stderr, "mma needs a full warp\n"); std::abort(); }
     uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
     publish(mine, sizeof(mine));
-    auto word = [](int owner, int index) {
-        uint32_t value;
-        std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
-        return value;
-    };
+    const auto word = published_word;
     auto a_at = [&](int row, int k) {  // A[row][k]
         const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
         return half_at(word((row % 8) * 4 + (k % 8) / 2, reg), k % 2);
@@ -342,11 +344,7 @@ inline void gie_mma_m16n8k32_s8_s32(int d[4], const unsigned a[4], const unsigne
     using namespace gie_shim;
     uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
     publish(mine, sizeof(mine));
-    auto word = [](int owner, int index) {
-        uint32_t value;
-        std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
-        return value;
-    };
+    const auto word = published_word;
     auto a_at = [&](int row, int k) {  // a0: row g, k 4t..4t+3; a1: row g+8; a2/a3: k + 16
         const int reg = (row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
         return s8_at(word((row % 8) * 4 + (k % 16) / 4, reg), k % 4);
@@ -383,11 +381,7 @@ inline void gie_mma_sp_m16n8k32_f16_f32(float d[4], const unsigned a[4], const u
     if (warp().size != 32) { std::fprintf(stderr, "mma.sp needs a full warp\n"); std::abort(); }
     uint32_t mine[9] = {a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], metadata};
     publish(mine, sizeof(mine));
-    auto word = [](int owner, int index) {
-        uint32_t value;
-        std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
-        return value;
-    };
+    const auto word = published_word;
     auto a_at = [&](int row, int kc) {  // compressed A[row][kc], kc in 0..15
         const int reg = (row >= 8 ? 1 : 0) + (kc >= 8 ? 2 : 0);
         return half_at(word((row % 8) * 4 + (kc % 8) / 2, reg), kc % 2);
@@ -421,11 +415,7 @@ inline void gie_mma_sp_m16n8k64_s8_s32(int d[4], const unsigned a[4], const unsi
     if (warp().size != 32) { std::fprintf(stderr, "mma.sp needs a full warp\n"); std::abort(); }
     uint32_t mine[9] = {a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], metadata};
     publish(mine, sizeof(mine));
-    auto word = [](int owner, int index) {
-        uint32_t value;
-        std::memcpy(&value, static_cast<const char*>(published(owner)) + 4 * index, 4);
-        return value;
-    };
+    const auto word = published_word;
     auto a_at = [&](int row, int kc) {  // compressed A[row][kc], kc in 0..31
         const int reg = (row >= 8 ? 1 : 0) + (kc >= 16 ? 2 : 0);
         return s8_at(word((row % 8) * 4 + (kc % 16) / 4, reg), kc % 4);
