@@ -8,6 +8,7 @@ with scipy's entropy (for the vectorised one), and brute-force MSE on the raw sa
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -25,7 +26,12 @@ from engine.quantize.calibrators import (
 )
 from engine.quantize.histogram import NUM_BINS, TensorHistogram
 
-RNG = np.random.default_rng(5)
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator seeded per test (from its name): results do not depend on which tests ran
+    before on the same worker."""
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def _histogram(*batches: np.ndarray, name: str = "t") -> TensorHistogram:
@@ -38,8 +44,8 @@ def _histogram(*batches: np.ndarray, name: str = "t") -> TensorHistogram:
 # --------------------------------------------------------------------------- histogram
 
 
-def test_doubling_equals_a_histogram_built_with_the_final_range() -> None:
-    batches = [RNG.standard_normal(5000) * scale for scale in (1.0, 3.0, 0.2, 11.0, 40.0)]
+def test_doubling_equals_a_histogram_built_with_the_final_range(rng: np.random.Generator) -> None:
+    batches = [rng.standard_normal(5000) * scale for scale in (1.0, 3.0, 0.2, 11.0, 40.0)]
     batches[1][7] = 0.0
     histogram = _histogram(*batches)
     magnitudes = np.abs(np.concatenate(batches))
@@ -77,8 +83,8 @@ def test_non_finite_values_name_the_tensor(bad: float) -> None:
         histogram.update(np.array([[1.0, bad]], np.float32))
 
 
-def test_json_round_trip_and_malformed_json() -> None:
-    histogram = _histogram(RNG.standard_normal(1000).astype(np.float16), name="x")
+def test_json_round_trip_and_malformed_json(rng: np.random.Generator) -> None:
+    histogram = _histogram(rng.standard_normal(1000).astype(np.float16), name="x")
     again = TensorHistogram.from_json(json.loads(json.dumps(histogram.to_json())))
     assert again == histogram
     broken = histogram.to_json()
@@ -108,8 +114,8 @@ def test_percentile_by_hand() -> None:
     assert percentile_threshold(np.array([3, 1]), 0.5, 60.0) == pytest.approx(0.4)
 
 
-def test_percentile_of_uniform_data() -> None:
-    histogram = _histogram(RNG.uniform(0.0, 1.0, 10**6))
+def test_percentile_of_uniform_data(rng: np.random.Generator) -> None:
+    histogram = _histogram(rng.uniform(0.0, 1.0, 10**6))
     assert threshold(histogram, "percentile", 99.99) == pytest.approx(0.9999, abs=1e-4)
     assert threshold(histogram, "percentile", 90.0) == pytest.approx(0.9, abs=2e-3)
 
@@ -140,17 +146,17 @@ def _reference_kl_threshold(counts: np.ndarray, bin_width: float) -> tuple[float
     return (best + 0.5) * bin_width, divergences
 
 
-def test_entropy_of_mass_below_bin_128_keeps_all_of_it() -> None:
+def test_entropy_of_mass_below_bin_128_keeps_all_of_it(rng: np.random.Generator) -> None:
     counts = np.zeros(NUM_BINS, dtype=np.int64)
-    counts[:100] = RNG.integers(1, 1000, 100)
+    counts[:100] = rng.integers(1, 1000, 100)
     # at i = 128 every level is one bin, Q == P and KL == 0
     assert entropy_threshold(counts, 0.01) == pytest.approx(128.5 * 0.01)
     histogram = TensorHistogram.from_counts("h", counts, range_max=20.48, amax=20.48)
     assert threshold(histogram, "entropy") == pytest.approx(128.5 * 0.01)
 
 
-def test_entropy_clips_a_gaussian_with_huge_outliers() -> None:
-    data = np.concatenate([RNG.standard_normal(200_000), [30.0, -35.0, 40.0]])
+def test_entropy_clips_a_gaussian_with_huge_outliers(rng: np.random.Generator) -> None:
+    data = np.concatenate([rng.standard_normal(200_000), [30.0, -35.0, 40.0]])
     histogram = _histogram(data)
     found = threshold(histogram, "entropy")
     assert 2.5 < found < 0.2 * histogram.amax
@@ -174,8 +180,8 @@ def test_entropy_matches_a_loop_transcription_of_the_published_algorithm(seed: i
     assert entropy_threshold(counts, 0.25) == expected
 
 
-def test_entropy_of_a_tensor_ignores_the_zero_spike_of_a_relu() -> None:
-    values = np.maximum(RNG.standard_normal(400_000), 0.0)  # half exact zeros
+def test_entropy_of_a_tensor_ignores_the_zero_spike_of_a_relu(rng: np.random.Generator) -> None:
+    values = np.maximum(rng.standard_normal(400_000), 0.0)  # half exact zeros
     histogram = _histogram(values)
     counts = histogram.counts.copy()
     spiked = entropy_threshold(counts, histogram.bin_width)
@@ -201,15 +207,17 @@ def _brute_force_mse(samples: np.ndarray, grid: np.ndarray) -> float:
     return float(grid[int(np.argmin(errors))])
 
 
-def test_mse_of_uniform_data_without_outliers_is_near_amax() -> None:
-    histogram = _histogram(RNG.uniform(-1.0, 1.0, 200_000))
+def test_mse_of_uniform_data_without_outliers_is_near_amax(rng: np.random.Generator) -> None:
+    histogram = _histogram(rng.uniform(-1.0, 1.0, 200_000))
     found = threshold(histogram, "mse")
     assert 0.99 * histogram.amax <= found <= histogram.amax
 
 
 @pytest.mark.parametrize("outlier", [None, 40.0])
-def test_mse_of_a_gaussian_matches_brute_force_on_the_samples(outlier: float | None) -> None:
-    samples = RNG.standard_normal(100_000)
+def test_mse_of_a_gaussian_matches_brute_force_on_the_samples(
+    outlier: float | None, rng: np.random.Generator
+) -> None:
+    samples = rng.standard_normal(100_000)
     if outlier is not None:  # its clipping error pulls the optimum far above the bulk
         samples = np.append(samples, outlier)
     histogram = _histogram(samples)
@@ -228,8 +236,8 @@ def test_mse_by_hand_for_a_single_bin() -> None:
 # --------------------------------------------------------------------------- dispatch
 
 
-def test_all_thresholds_and_calibrator_names() -> None:
-    histogram = _histogram(RNG.standard_normal(50_000))
+def test_all_thresholds_and_calibrator_names(rng: np.random.Generator) -> None:
+    histogram = _histogram(rng.standard_normal(50_000))
     values = all_thresholds(histogram, 99.9)
     assert set(values) == {"minmax", "percentile", "entropy", "mse"}
     assert all(0.0 < v <= histogram.amax for v in values.values())
